@@ -1,0 +1,135 @@
+"""Writers of random-weight Qwen2 checkpoints in the Hugging Face layout, for tests, benchmarks and the demo.
+
+`write_random_checkpoint(out_dir, preset="tiny", head="causal_lm")` writes config.json,
+model.safetensors (or shards + index) and tokenizer files, without transformers: the demo runs it
+on a fresh install. Presets: `tiny` (fast tests) and `qwen2-0.5b` (the published Qwen2-0.5B shape).
+The tokenizer is the real Qwen vocabulary when `tokenizer_dir` is given, else a small byte-level
+BPE trained on the spot (qwen2_model/tokenizer_training.py).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .config import Qwen2Config
+
+PRESETS: dict[str, dict] = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=4096, rope_theta=10000.0,
+                 tie_word_embeddings=False, rms_norm_eps=1e-6),
+    "qwen2-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                       num_key_value_heads=2, vocab_size=151936, max_position_embeddings=131072,
+                       rope_theta=1000000.0, tie_word_embeddings=True, rms_norm_eps=1e-6,
+                       sliding_window=131072, max_window_layers=24),
+}
+HEADS = {
+    "base": "Qwen2Model",
+    "causal_lm": "Qwen2ForCausalLM",
+    "sequence_classification": "Qwen2ForSequenceClassification",
+    "token_classification": "Qwen2ForTokenClassification",
+    "question_answering": "Qwen2ForQuestionAnswering",
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
+
+
+def tensor_shapes(config: Qwen2Config) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the checkpoint for config.architectures[0], named as transformers names it."""
+    arch = config.architecture
+    E, D = config.hidden_size, config.head_dim
+    q, kv = config.num_attention_heads * D, config.num_key_value_heads * D
+    prefix = {"Qwen2Model": "", "Qwen2ForQuestionAnswering": "transformer."}.get(arch, "model.")
+    shapes = {f"{prefix}embed_tokens.weight": (config.vocab_size, E), f"{prefix}norm.weight": (E,)}
+    for i in range(config.num_hidden_layers):
+        layer = f"{prefix}layers.{i}."
+        shapes.update({
+            layer + "input_layernorm.weight": (E,), layer + "post_attention_layernorm.weight": (E,),
+            layer + "self_attn.q_proj.weight": (q, E), layer + "self_attn.q_proj.bias": (q,),
+            layer + "self_attn.k_proj.weight": (kv, E), layer + "self_attn.k_proj.bias": (kv,),
+            layer + "self_attn.v_proj.weight": (kv, E), layer + "self_attn.v_proj.bias": (kv,),
+            layer + "self_attn.o_proj.weight": (E, q),
+            layer + "mlp.gate_proj.weight": (config.intermediate_size, E),
+            layer + "mlp.up_proj.weight": (config.intermediate_size, E),
+            layer + "mlp.down_proj.weight": (E, config.intermediate_size),
+        })
+    if arch == "Qwen2ForCausalLM" and not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, E)
+    elif arch == "Qwen2ForSequenceClassification":
+        shapes["score.weight"] = (config.num_labels, E)
+    elif arch == "Qwen2ForTokenClassification":
+        shapes.update({"score.weight": (config.num_labels, E), "score.bias": (config.num_labels,)})
+    elif arch == "Qwen2ForQuestionAnswering":
+        shapes.update({"qa_outputs.weight": (2, E), "qa_outputs.bias": (2,)})
+    return shapes
+
+
+def random_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    if name.endswith("norm.weight"):  # near 1, but not exactly, so a skipped norm weight shows
+        return (1.0 + 0.1 * torch.randn(shape, generator=generator)).to(dtype)
+    return (0.02 * torch.randn(shape, generator=generator) if not name.endswith("bias")
+            else 0.1 * torch.randn(shape, generator=generator)).to(dtype)
+
+
+def write_tokenizer(out_dir: Path, tokenizer_dir: str | Path | None) -> dict[str, int]:
+    """Copies (or trains) tokenizer files; returns the special token ids."""
+    from tokenizers import Tokenizer
+
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            if (Path(tokenizer_dir) / name).is_file():
+                shutil.copy(Path(tokenizer_dir) / name, out_dir / name)
+    else:
+        from .tokenizer_training import train_byte_level_bpe
+        train_byte_level_bpe(out_dir)
+    tok = Tokenizer.from_file(str(out_dir / "tokenizer.json"))
+    return {"size": tok.get_vocab_size(with_added_tokens=True), "endoftext": tok.token_to_id("<|endoftext|>"),
+            "im_end": tok.token_to_id("<|im_end|>")}
+
+
+def write_random_checkpoint(out_dir: str | Path, preset: str = "tiny", head: str = "causal_lm",
+                            dtype: str = "float32", seed: int = 0, tokenizer_dir: str | Path | None = None,
+                            num_shards: int = 1, num_labels: int = 3, **overrides) -> Path:
+    """Write a random-weight checkpoint in the Hugging Face layout; returns the directory."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {sorted(HEADS)}, got {head!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    special = write_tokenizer(out, tokenizer_dir)
+    fields = dict(PRESETS[preset])
+    fields.setdefault("vocab_size", max(1024, special["size"]))
+    fields.update(overrides)
+    if fields["vocab_size"] < special["size"]:
+        raise ValueError(f"vocab_size {fields['vocab_size']} is smaller than the tokenizer's {special['size']} tokens")
+    labels = {i: label for i, label in enumerate(["O", "B-ENT", "I-ENT", "NEG", "POS"][:num_labels])} \
+        if head == "token_classification" else {i: f"LABEL_{i}" for i in range(num_labels)}
+    config = Qwen2Config(architectures=[HEADS[head]], torch_dtype=dtype, eos_token_id=special["endoftext"],
+                         bos_token_id=special["endoftext"], pad_token_id=special["endoftext"] if head != "causal_lm" else None,
+                         id2label=labels, num_labels=len(labels), **fields)
+    config.save_pretrained(out)
+    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": special["endoftext"]}) + "\n")
+
+    generator = torch.Generator().manual_seed(seed)
+    torch_dtype = config.dtype
+    shapes = tensor_shapes(config)
+    names = list(shapes)
+    shards = [names[i::num_shards] for i in range(num_shards)]  # interleaved, so layers span files
+    for old in out.glob("*.safetensors"):
+        old.unlink()
+    (out / "model.safetensors.index.json").unlink(missing_ok=True)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = "model.safetensors" if num_shards == 1 else f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors"
+        tensors = {name: random_tensor(name, shapes[name], generator, torch_dtype) for name in shard}
+        save_file(tensors, str(out / file), metadata={"format": "pt"})
+        weight_map.update({name: file for name in shard})
+        del tensors
+    if num_shards > 1:
+        index = {"metadata": {}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return out

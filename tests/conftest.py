@@ -1,0 +1,26 @@
+"""Shared fixtures: paths to the real Qwen vocabulary and GPU skipping."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+QWEN_TOKENIZER = Path(os.environ.get("QWEN2_TOKENIZER_FIXTURE", REPO.parent / "shared/fixtures/qwen-tokenizer"))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer_dir() -> Path:
+    if not (QWEN_TOKENIZER / "tokenizer.json").is_file():
+        pytest.skip(f"real Qwen vocabulary not found at {QWEN_TOKENIZER}")
+    return QWEN_TOKENIZER
