@@ -1,0 +1,753 @@
+"""Request/response schemas and validation shared by the HTTP and gRPC ingresses.
+
+- Pydantic v2 models for the HTTP API. Where OpenAI has the route the shapes are OpenAI's (so the
+  official `openai` client works), plus vLLM's sampling extras; where vLLM has the route
+  (classify, tokenize, detokenize) the shapes are vLLM's. Unknown request fields are ignored,
+  because OpenAI clients send fields we have no use for.
+- `to_sampling_fields(req)`: the one place that turns a request, HTTP model or gRPC
+  `GenerateRequest`, into engine `SamplingParams` keyword arguments, applying one set of defaults
+  and the `Limits`, so the two ingresses cannot disagree.
+- Small helpers the ingresses need around that: `normalize_inputs`, `resolve_max_tokens`,
+  `check_body_size`, `encode_embedding`, `new_id`.
+
+The error contract lives in deployments/errors.py and is re-exported here.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import struct
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Sequence
+
+from google.protobuf.message import Message as ProtoMessage
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidator, field_validator
+
+from deployments.errors import (  # noqa: F401  (re-exported: one import for the ingresses)
+    ERROR_CLASSES,
+    BodyTooLargeError,
+    ContextLengthExceededError,
+    ErrorCode,
+    InternalError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    QueueFullError,
+    RequestTimeoutError,
+    ServeError,
+    UnauthenticatedError,
+    UnavailableError,
+    check_api_key,
+    validation_error_to_serve_error,
+)
+
+# ---------------------------------------------------------------------------------------------
+# Limits
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Hard caps applied identically to HTTP and gRPC requests."""
+
+    max_n: int = 16
+    max_tokens_cap: int = 32768  # per request; the context length is checked separately
+    max_logprobs: int = 20  # completions `logprobs` and chat `top_logprobs` (vLLM's cap)
+    max_body_bytes: int = 1 << 20  # 1 MiB; HTTP body / gRPC message
+    max_batch_inputs: int = 64  # prompts per completion, inputs per classify/embed
+    max_stop_strings: int = 8
+    max_stop_string_chars: int = 256
+    max_stop_token_ids: int = 64
+
+
+DEFAULT_LIMITS = Limits()
+
+# Engine defaults for every sampling knob a client left unset. max_tokens is absent on purpose:
+# it defaults to 16 for completions (OpenAI) and to "the rest of the context" for chat.
+SAMPLING_DEFAULTS: dict[str, Any] = {
+    "n": 1,
+    "min_tokens": 0,
+    "temperature": 1.0,
+    "top_k": 0,  # 0 = disabled (-1 is accepted as vLLM's old spelling of the same)
+    "top_p": 1.0,
+    "min_p": 0.0,
+    "repetition_penalty": 1.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "seed": None,
+    "stop_token_ids": [],
+    "ignore_eos": False,
+    "logprobs": None,  # None: no logprobs; k: the sampled token's plus the top k
+    "stop": [],
+}
+COMPLETION_DEFAULT_MAX_TOKENS = 16
+
+
+# ---------------------------------------------------------------------------------------------
+# Request models
+
+
+class _Request(BaseModel):
+    # extra="ignore": OpenAI clients send fields we do not use (e.g. `parallel_tool_calls`).
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+
+def _shape_error(description: str) -> WrapValidator:
+    """Replace pydantic's per-union-member errors with one message saying what is accepted."""
+
+    def wrap(value: Any, handler: Any) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            raise ValueError(f"must be {description}") from None
+
+    return WrapValidator(wrap)
+
+
+PromptInput = Annotated[
+    str | list[str] | list[int] | list[list[int]],
+    _shape_error("a string, a list of strings, a list of token ids or a list of lists of token ids"),
+]
+TextInput = Annotated[str | list[str], _shape_error("a string or a list of strings")]
+StopInput = Annotated[str | list[str] | None, _shape_error("a string or a list of strings")]
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class _SamplingRequest(_Request):
+    """Sampling fields common to completions and chat (OpenAI's, then vLLM's extras).
+
+    None means "the default" everywhere; the defaults live in SAMPLING_DEFAULTS.
+    """
+
+    n: int | None = 1
+    temperature: float | None = 1.0
+    top_p: float | None = 1.0
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
+    seed: int | None = None
+    stop: StopInput = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # vLLM extras
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+
+    @field_validator("logit_bias", mode="after", check_fields=False)
+    @classmethod
+    def _no_logit_bias(cls, v: Any) -> Any:
+        if v:
+            raise ValueError("logit_bias is not supported")
+        return v
+
+
+class CompletionRequest(_SamplingRequest):
+    """POST /v1/completions."""
+
+    model: str | None = None  # None: the served model
+    prompt: PromptInput
+    max_tokens: int | None = COMPLETION_DEFAULT_MAX_TOKENS
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("echo=true is not supported; send echo=false (the default)")
+        return v
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, v: str | None) -> str | None:
+        if v:
+            raise ValueError("suffix (insertion) is not supported")
+        return v
+
+    @field_validator("best_of")
+    @classmethod
+    def _no_best_of(cls, v: int | None) -> int | None:
+        if v is not None and v != 1:
+            raise ValueError("best_of is not supported; use n")
+        return v
+
+
+class TextContentPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # assistant turns that called tools
+    tool_call_id: str | None = None  # tool turns answering a call
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, v: Any) -> Any:
+        # Say plainly that images/audio are unsupported instead of a union error on `type`.
+        if isinstance(v, list):
+            for part in v:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text":
+                    raise ValueError(f"only text content parts are supported (got type {kind!r})")
+        return v
+
+    def text(self) -> str:
+        """The content as one string (text parts concatenated, as OpenAI does)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    """POST /v1/chat/completions."""
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    # Accepted and passed to the chat template (Qwen2's template renders tools into the prompt).
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
+    logit_bias: dict[str, float] | None = None
+    # vLLM extras for the template
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class ClassifyRequest(_Request):
+    """POST /v1/classify (vLLM's shape)."""
+
+    model: str | None = None
+    input: TextInput
+
+
+class TokenClassifyRequest(_Request):
+    """POST /v1/classify/tokens."""
+
+    model: str | None = None
+    input: str = Field(min_length=1)
+    # "none": one label per token; "simple": also group B-/I- runs into entities (HF pipeline's).
+    aggregation: Literal["none", "simple"] = "none"
+
+
+class AnswerRequest(_Request):
+    """POST /v1/answer: extractive QA; offsets are character offsets into `context`."""
+
+    model: str | None = None
+    question: str = Field(min_length=1)
+    context: str = Field(min_length=1)
+
+
+class EmbeddingRequest(_Request):
+    """POST /v1/embeddings (OpenAI's shape, plus pooling/normalize extras)."""
+
+    model: str | None = None
+    input: PromptInput
+    # The openai client asks for base64 unless told otherwise (and decodes it), so both are served.
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+    pooling: Literal["last", "mean"] = "last"
+    normalize: bool = True
+
+    @field_validator("dimensions")
+    @classmethod
+    def _no_dimensions(cls, v: int | None) -> int | None:
+        if v is not None:
+            raise ValueError("dimensions is not supported: embeddings have the model's hidden size")
+        return v
+
+
+class TokenizeRequest(_Request):
+    """POST /tokenize (vLLM's shape)."""
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(_Request):
+    """POST /detokenize (vLLM's shape)."""
+
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0)]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Response models
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+
+def new_id(prefix: str) -> str:
+    """A request id in OpenAI's style, e.g. new_id("cmpl") -> "cmpl-3f2a...". """
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+class UsageInfo(_Response):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class CompletionLogprobs(_Response):
+    """OpenAI's legacy completions logprobs: parallel lists, one entry per generated token."""
+
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+
+
+class CompletionChoice(_Response):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None  # None only in stream chunks
+
+
+class CompletionResponse(_Response):
+    id: str = Field(default_factory=lambda: new_id("cmpl"))
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+    system_fingerprint: str | None = None
+
+
+class CompletionStreamResponse(CompletionResponse):
+    """One SSE chunk of a streamed completion; `usage` only on the final chunk when asked for."""
+
+
+class ChatTopLogprob(_Response):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(_Response):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top_logprobs: list[ChatTopLogprob] = Field(default_factory=list)
+
+
+class ChatChoiceLogprobs(_Response):
+    content: list[ChatTokenLogprob] | None = None
+
+
+class FunctionCall(_Response):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Response):
+    id: str = Field(default_factory=lambda: new_id("call"))
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatResponseMessage(_Response):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+
+ChatFinishReason = Literal["stop", "length", "tool_calls"]
+
+
+class ChatCompletionChoice(_Response):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatChoiceLogprobs | None = None
+    finish_reason: ChatFinishReason
+
+
+class ChatCompletionResponse(_Response):
+    id: str = Field(default_factory=lambda: new_id("chatcmpl"))
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: UsageInfo | None = None
+    system_fingerprint: str | None = None
+
+
+class DeltaFunctionCall(_Response):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(_Response):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall | None = None
+
+
+class DeltaMessage(_Response):
+    role: Literal["assistant"] | None = None  # set on each choice's first chunk
+    content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
+
+
+class ChatCompletionStreamChoice(_Response):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatChoiceLogprobs | None = None
+    finish_reason: ChatFinishReason | None = None
+
+
+class ChatCompletionStreamResponse(_Response):
+    """One SSE chunk; with stream_options.include_usage the last chunk has `choices: []` + usage."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatCompletionStreamChoice]
+    usage: UsageInfo | None = None
+    system_fingerprint: str | None = None
+
+
+class ModelCard(_Response):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=_now)
+    owned_by: str = "qwen2-serve"
+    root: str | None = None  # checkpoint path or hub name the model was loaded from
+    max_model_len: int | None = None
+    task: str | None = None  # "generate" | "classify" | "token_classify" | "answer" | "embed"
+
+
+class ModelList(_Response):
+    object: Literal["list"] = "list"
+    data: list[ModelCard] = Field(default_factory=list)
+
+
+class ClassificationData(_Response):
+    index: int
+    label: str
+    probs: list[float]
+    num_classes: int
+
+
+class ClassifyResponse(_Response):
+    id: str = Field(default_factory=lambda: new_id("classify"))
+    object: Literal["list"] = "list"
+    created: int = Field(default_factory=_now)
+    model: str
+    data: list[ClassificationData]
+    usage: UsageInfo
+
+
+class TokenLabel(_Response):
+    token: str
+    label: str
+    score: float
+    start: int  # character offsets into `input`
+    end: int
+
+
+class EntitySpan(_Response):
+    entity_group: str
+    score: float
+    word: str
+    start: int
+    end: int
+
+
+class TokenClassifyResponse(_Response):
+    id: str = Field(default_factory=lambda: new_id("tokcls"))
+    object: Literal["token_classification"] = "token_classification"
+    created: int = Field(default_factory=_now)
+    model: str
+    tokens: list[TokenLabel]
+    entities: list[EntitySpan] = Field(default_factory=list)  # aggregation="simple" only
+    usage: UsageInfo
+
+
+class AnswerResponse(_Response):
+    answer: str  # == context[start:end]
+    score: float
+    start: int
+    end: int
+
+
+class EmbeddingData(_Response):
+    index: int
+    object: Literal["embedding"] = "embedding"
+    embedding: list[float] | str  # str: base64 of little-endian float32, as OpenAI
+
+
+class EmbeddingResponse(_Response):
+    id: str = Field(default_factory=lambda: new_id("embd"))
+    object: Literal["list"] = "list"
+    created: int = Field(default_factory=_now)
+    model: str
+    data: list[EmbeddingData]
+    usage: UsageInfo
+
+
+class TokenizeResponse(_Response):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeResponse(_Response):
+    prompt: str
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling: one mapping for HTTP and gRPC
+
+
+def _invalid(param: str, message: str) -> InvalidRequestError:
+    return InvalidRequestError(f"Invalid value for '{param}': {message}", param=param)
+
+
+def _raw_from_proto(req: ProtoMessage) -> tuple[dict[str, Any], dict[str, str]]:
+    def opt(name: str) -> Any:
+        return getattr(req, name) if req.HasField(name) else None
+
+    chat_style = len(req.messages) > 0
+    max_tokens = opt("max_tokens")
+    if max_tokens is None and not chat_style:
+        max_tokens = COMPLETION_DEFAULT_MAX_TOKENS
+    raw = {
+        "n": opt("n"),
+        "max_tokens": max_tokens,
+        "min_tokens": req.min_tokens,
+        "temperature": opt("temperature"),
+        "top_k": opt("top_k"),
+        "top_p": opt("top_p"),
+        "min_p": req.min_p,
+        "repetition_penalty": opt("repetition_penalty"),
+        "presence_penalty": req.presence_penalty,
+        "frequency_penalty": req.frequency_penalty,
+        "seed": opt("seed"),
+        "stop_token_ids": list(req.stop_token_ids),
+        "ignore_eos": req.ignore_eos,
+        "logprobs": opt("logprobs"),
+        "stop": list(req.stop),
+    }
+    return raw, {}
+
+
+def _raw_from_http(req: _SamplingRequest) -> tuple[dict[str, Any], dict[str, str]]:
+    raw = {name: getattr(req, name) for name in SAMPLING_DEFAULTS if name not in ("logprobs",)}
+    params: dict[str, str] = {}  # field -> the request field a client actually sent
+    if isinstance(req, ChatCompletionRequest):
+        if req.max_completion_tokens is not None:
+            raw["max_tokens"] = req.max_completion_tokens
+            params["max_tokens"] = "max_completion_tokens"
+        else:
+            raw["max_tokens"] = req.max_tokens
+        if req.logprobs:
+            raw["logprobs"] = req.top_logprobs or 0
+            params["logprobs"] = "top_logprobs"
+        elif req.top_logprobs:
+            raise _invalid("top_logprobs", "requires logprobs=true")
+        else:
+            raw["logprobs"] = None
+    else:
+        raw["max_tokens"] = req.max_tokens
+        raw["logprobs"] = req.logprobs
+    if isinstance(raw["stop"], str):
+        raw["stop"] = [raw["stop"]]
+    return raw, params
+
+
+def to_sampling_fields(req: Any, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
+    """A CompletionRequest, ChatCompletionRequest or gRPC GenerateRequest -> engine kwargs.
+
+    Returns n, max_tokens, min_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
+    presence_penalty, frequency_penalty, seed, stop_token_ids, ignore_eos, logprobs (the
+    keyword arguments of SamplingParams) plus `stop` (list[str]) which the ingress keeps, since
+    stop strings are matched on text after detokenization:
+
+        fields = to_sampling_fields(req); stop = fields.pop("stop"); SamplingParams(**fields)
+
+    `max_tokens` is None when the client left it unset in chat style; resolve it with
+    `resolve_max_tokens` once the prompt length is known. Raises InvalidRequestError naming the
+    field on any value outside the limits.
+    """
+    if isinstance(req, ProtoMessage):
+        raw, params = _raw_from_proto(req)
+    elif isinstance(req, _SamplingRequest):
+        raw, params = _raw_from_http(req)
+    else:
+        raise TypeError(f"to_sampling_fields: unsupported request type {type(req).__name__}")
+
+    out = {k: (SAMPLING_DEFAULTS[k] if raw.get(k) is None else raw[k]) for k in SAMPLING_DEFAULTS}
+    out["max_tokens"] = raw["max_tokens"]
+    P = lambda name: params.get(name, name)  # noqa: E731  (the client's name for a field)
+
+    n = out["n"]
+    if not 1 <= n <= limits.max_n:
+        raise _invalid("n", f"must be between 1 and {limits.max_n}, got {n}")
+
+    max_tokens = out["max_tokens"]
+    if max_tokens is not None and not 1 <= max_tokens <= limits.max_tokens_cap:
+        raise _invalid(P("max_tokens"), f"must be between 1 and {limits.max_tokens_cap}, got {max_tokens}")
+    min_tokens = out["min_tokens"]
+    if min_tokens < 0:
+        raise _invalid("min_tokens", f"must be at least 0, got {min_tokens}")
+    if max_tokens is not None and min_tokens > max_tokens:
+        raise _invalid("min_tokens", f"must not exceed max_tokens ({max_tokens}), got {min_tokens}")
+
+    for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+        out[name] = float(out[name])
+        if not math.isfinite(out[name]):
+            raise _invalid(name, f"must be a finite number, got {out[name]}")
+    if out["temperature"] < 0:
+        raise _invalid("temperature", f"must be at least 0, got {out['temperature']}")
+    if not 0.0 < out["top_p"] <= 1.0:
+        raise _invalid("top_p", f"must be in (0, 1], got {out['top_p']}")
+    if not 0.0 <= out["min_p"] <= 1.0:
+        raise _invalid("min_p", f"must be in [0, 1], got {out['min_p']}")
+    if out["repetition_penalty"] <= 0:
+        raise _invalid("repetition_penalty", f"must be greater than 0, got {out['repetition_penalty']}")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if not -2.0 <= out[name] <= 2.0:
+            raise _invalid(name, f"must be in [-2, 2], got {out[name]}")
+
+    top_k = int(out["top_k"])
+    if top_k < -1:
+        raise _invalid("top_k", f"must be -1, 0 (disabled) or positive, got {top_k}")
+    out["top_k"] = max(top_k, 0)
+
+    seed = out["seed"]
+    if seed is not None and not -(2**63) <= seed < 2**63:
+        raise _invalid("seed", "must fit in a signed 64-bit integer")
+
+    stop = list(out["stop"])
+    if len(stop) > limits.max_stop_strings:
+        raise _invalid("stop", f"at most {limits.max_stop_strings} stop strings, got {len(stop)}")
+    for s in stop:
+        if not s:
+            raise _invalid("stop", "stop strings must not be empty")
+        if len(s) > limits.max_stop_string_chars:
+            raise _invalid("stop", f"each stop string must be at most {limits.max_stop_string_chars} characters")
+    out["stop"] = stop
+
+    stop_ids = [int(t) for t in out["stop_token_ids"]]
+    if len(stop_ids) > limits.max_stop_token_ids:
+        raise _invalid("stop_token_ids", f"at most {limits.max_stop_token_ids} ids, got {len(stop_ids)}")
+    if any(t < 0 for t in stop_ids):
+        raise _invalid("stop_token_ids", "token ids must be non-negative")
+    out["stop_token_ids"] = stop_ids
+
+    logprobs = out["logprobs"]
+    if logprobs is not None and not 0 <= logprobs <= limits.max_logprobs:
+        raise _invalid(P("logprobs"), f"must be between 0 and {limits.max_logprobs}, got {logprobs}")
+
+    out["ignore_eos"] = bool(out["ignore_eos"])
+    # Fixed key order: the SamplingParams signature, then `stop`.
+    order = ("n", "max_tokens", "min_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+             "presence_penalty", "frequency_penalty", "seed", "stop_token_ids", "ignore_eos", "logprobs", "stop")
+    return {k: out[k] for k in order}
+
+
+def resolve_max_tokens(
+    max_tokens: int | None, prompt_tokens: int, max_model_len: int, *, prompt_param: str = "prompt"
+) -> int:
+    """The generation budget for one prompt, or ContextLengthExceededError.
+
+    None (chat without max_tokens) means "the rest of the context", as OpenAI and vLLM do.
+    """
+    if prompt_tokens >= max_model_len:
+        raise ContextLengthExceededError(
+            f"This model's maximum context length is {max_model_len} tokens, but the prompt has "
+            f"{prompt_tokens} tokens, leaving no room to generate. Please shorten the prompt.",
+            param=prompt_param,
+        )
+    if max_tokens is None:
+        return max_model_len - prompt_tokens
+    if prompt_tokens + max_tokens > max_model_len:
+        raise ContextLengthExceededError(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} for the "
+            f"completion). Please reduce the prompt or max_tokens.",
+            param="max_tokens",
+        )
+    return max_tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs, body size, embeddings
+
+
+def normalize_inputs(
+    value: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]],
+    param: str,
+    limits: Limits = DEFAULT_LIMITS,
+) -> list[str] | list[list[int]]:
+    """Any accepted prompt/input shape -> a batch list (strings or token id lists), checked.
+
+    "a" -> ["a"]; [1, 2] -> [[1, 2]]; lists of either pass through. Rejects empty batches,
+    empty items, negative token ids and batches over limits.max_batch_inputs.
+    """
+    if isinstance(value, str):
+        batch: list = [value]
+    else:
+        batch = list(value)
+        if batch and all(isinstance(t, int) for t in batch):
+            batch = [batch]  # one tokenized prompt
+    if not batch:
+        raise _invalid(param, "must not be empty")
+    if len(batch) > limits.max_batch_inputs:
+        raise _invalid(param, f"at most {limits.max_batch_inputs} inputs per request, got {len(batch)}")
+    for i, item in enumerate(batch):
+        if isinstance(item, str):
+            if not item:
+                raise _invalid(f"{param}.{i}" if len(batch) > 1 else param, "must not be an empty string")
+        else:
+            item = list(item)
+            batch[i] = item
+            if not item:
+                raise _invalid(f"{param}.{i}", "must not be an empty list of token ids")
+            if any(t < 0 for t in item):
+                raise _invalid(f"{param}.{i}", "token ids must be non-negative")
+    return batch
+
+
+def check_body_size(num_bytes: int, limits: Limits = DEFAULT_LIMITS) -> None:
+    if num_bytes > limits.max_body_bytes:
+        raise BodyTooLargeError(
+            f"Request body is {num_bytes} bytes; the limit is {limits.max_body_bytes} bytes"
+        )
+
+
+def encode_embedding(values: Sequence[float], encoding_format: str = "float") -> list[float] | str:
+    """Embedding values in the wire form the client asked for (OpenAI: base64 = float32 LE)."""
+    if encoding_format == "base64":
+        return base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode("ascii")
+    return [float(v) for v in values]

@@ -1,0 +1,1 @@
+"""Wire contract: the .proto files and their generated Python stubs (see protos/README.md)."""
