@@ -1,0 +1,347 @@
+"""The serving engine: token ids in, token ids out, continuously batched over a paged KV cache.
+
+`Engine.add_request(request_id, prompt_token_ids, params)`, `abort(request_id)` (frees its blocks at
+once), `step() -> list[RequestOutput]`. `AsyncEngine` runs the step loop in a background thread and
+hands each request an async stream of outputs. The model runs behind an Executor (executor.py), so
+the same engine drives one process or a tensor-parallel Ray worker group. No tokenizer here: stop
+strings and detokenization belong to the ingress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
+
+from .executor import Executor
+from .kv_cache import BlockManager
+from .model_runner import PooledInput, SeqStep, StepInput
+from .sampling import SamplingParams, TokenLogprob
+from .scheduler import ScheduledSeq, Scheduler, SchedulerConfig, Sequence, Status
+
+
+class EngineError(ValueError):
+    """A request the engine refuses; `param` names the field."""
+
+    def __init__(self, message: str, param: str | None = None, code: str = "invalid_request"):
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+class QueueFull(RuntimeError):
+    pass
+
+
+class EngineDead(RuntimeError):
+    """The executor failed (e.g. a worker died); in-flight requests fail with this."""
+
+
+@dataclass
+class EngineConfig:
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_waiting: int = 1024  # queued requests beyond this are refused (429)
+    enable_prefix_caching: bool = True
+    max_n: int = 16
+    max_logprobs: int = 20
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    index: int  # choice index (n > 1)
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprob | None]
+    finish_reason: str | None  # "stop" | "length" | "abort" | None while running
+    num_prompt_tokens: int
+    num_output_tokens: int
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class EngineStats:
+    running: int = 0
+    waiting: int = 0
+    kv_usage: float = 0.0
+    num_kv_blocks: int = 0
+    free_kv_blocks: int = 0
+    prefix_queries: int = 0
+    prefix_hits: int = 0
+    preemptions: int = 0
+    steps: int = 0
+    max_batch_seqs: int = 0  # largest number of sequences in one step so far
+    last_batch_seqs: int = 0
+    last_batch_tokens: int = 0
+    last_step_seconds: float = 0.0
+    last_step_prefill_tokens: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    finished: dict[str, int] = field(default_factory=dict)
+
+
+class Engine:
+    def __init__(self, executor: Executor, config: EngineConfig | None = None):
+        self.executor = executor
+        self.config = config or EngineConfig()
+        model_config = executor.config
+        self.max_model_len = self.config.max_model_len or model_config.max_position_embeddings
+        self.eos_token_ids = model_config.eos_token_ids
+        self.vocab_size = model_config.vocab_size
+        self.generative = executor.architecture == "Qwen2ForCausalLM"
+        self.blocks = BlockManager(max(executor.num_kv_blocks, 1), executor.block_size,
+                                   self.config.enable_prefix_caching)
+        self.scheduler = Scheduler(SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens),
+                                   self.blocks)
+        self.requests: dict[str, list[Sequence]] = {}
+        self._finished_seq_ids: list[int] = []
+        self.stats = EngineStats(num_kv_blocks=self.blocks.num_blocks)
+
+    # --- requests ------------------------------------------------------------------------------
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if not self.generative:
+            raise EngineError(f"this model is a {self.executor.architecture}, not a causal LM: it cannot generate",
+                              param="model")
+        try:
+            params.validate(max_n=self.config.max_n, max_logprobs=self.config.max_logprobs)
+        except ValueError as exc:
+            raise EngineError(str(exc), param=getattr(exc, "param", None)) from exc
+        if not prompt_token_ids:
+            raise EngineError("prompt must contain at least one token", param="prompt")
+        bad = [t for t in prompt_token_ids if not (0 <= t < self.vocab_size)]
+        if bad:
+            raise EngineError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})",
+                              param="prompt")
+        total = len(prompt_token_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise EngineError(f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) = "
+                              f"{total} is over the model's context length {self.max_model_len}",
+                              param="max_tokens", code="context_length_exceeded")
+        if self.blocks.blocks_needed(total) > self.blocks.num_blocks:
+            raise EngineError(f"prompt + max_tokens = {total} tokens needs more KV cache than the whole cache holds "
+                              f"({self.blocks.num_blocks * self.blocks.block_size} tokens)", param="max_tokens",
+                              code="context_length_exceeded")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if request_id in self.requests:
+            raise EngineError(f"request id {request_id!r} is already in use", param="request_id")
+        self.validate(prompt_token_ids, params)
+        if len(self.scheduler.waiting) >= self.config.max_waiting:
+            raise QueueFull(f"the queue is full ({self.config.max_waiting} waiting requests)")
+        seqs = []
+        for i in range(params.n):
+            seed = None if params.seed is None else params.seed + i
+            seq = Sequence(request_id, i, list(prompt_token_ids), params, seed)
+            if i > 0 and self.config.enable_prefix_caching:
+                seq.wait_for = seqs[0]  # share the parent's prompt blocks through the prefix cache
+            seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = seqs
+        self.stats.prompt_tokens += len(prompt_token_ids)
+
+    def abort(self, request_id: str) -> list[RequestOutput]:
+        outputs = []
+        for seq in self.requests.pop(request_id, []):
+            if seq.status != Status.FINISHED:
+                self._finish(seq, "abort")
+                outputs.append(self._output(seq, [], []))
+        return outputs
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # --- the step ------------------------------------------------------------------------------
+
+    def _seq_step(self, item: ScheduledSeq) -> SeqStep:
+        seq, n = item.seq, item.num_new_tokens
+        tokens = seq.all_token_ids[seq.num_computed:seq.num_computed + n]
+        step = SeqStep(seq.seq_id, tokens, seq.num_computed, list(seq.block_table), item.samples)
+        if item.samples:
+            p = seq.params
+            step.params, step.seed = p, seq.seed
+            step.num_output_tokens = len(seq.output_token_ids)
+            if p.uses_repetition_penalty:
+                step.prompt_token_ids = seq.prompt_token_ids
+            if p.uses_repetition_penalty or p.uses_output_penalties:
+                step.output_token_ids = seq.output_token_ids
+        return step
+
+    def step(self) -> list[RequestOutput]:
+        start = time.perf_counter()
+        scheduled = self.scheduler.schedule()
+        step_input = StepInput([self._seq_step(item) for item in scheduled], self._finished_seq_ids)
+        self._finished_seq_ids = []
+        if not scheduled:
+            return []
+        try:
+            result = self.executor.execute(step_input)
+        except Exception as exc:
+            raise EngineDead(f"model step failed: {exc}") from exc
+        self.scheduler.after_step(scheduled)
+        outputs = []
+        for item in scheduled:
+            seq = item.seq
+            if seq.seq_id not in result.sampled:
+                continue
+            token, logprob = result.sampled[seq.seq_id]
+            seq.output_token_ids.append(token)
+            self.stats.generated_tokens += 1
+            reason = self._finish_reason(seq, token)
+            if reason:
+                self._finish(seq, reason)
+            outputs.append(self._output(seq, [token], [logprob]))
+        self._record(scheduled, time.perf_counter() - start)
+        return outputs
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if len(seq.output_token_ids) >= p.min_tokens:
+            if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+                return "stop"
+        if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)
+        self._finished_seq_ids.append(seq.seq_id)
+        self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
+        seqs = self.requests.get(seq.request_id, [])
+        if seqs and all(s.status == Status.FINISHED for s in seqs):
+            del self.requests[seq.request_id]
+
+    def _output(self, seq: Sequence, tokens: list[int], logprobs: list) -> RequestOutput:
+        return RequestOutput(seq.request_id, seq.index, tokens, logprobs, seq.finish_reason,
+                             len(seq.prompt_token_ids), len(seq.output_token_ids))
+
+    def _record(self, scheduled: list[ScheduledSeq], seconds: float) -> None:
+        s = self.stats
+        s.steps += 1
+        s.last_batch_seqs = len(scheduled)
+        s.max_batch_seqs = max(s.max_batch_seqs, len(scheduled))
+        s.last_batch_tokens = sum(i.num_new_tokens for i in scheduled)
+        s.last_step_prefill_tokens = sum(i.num_new_tokens for i in scheduled if i.seq.prefilling or not i.samples)
+        s.last_step_seconds = seconds
+        self.refresh_stats()
+
+    def refresh_stats(self) -> EngineStats:
+        s = self.stats
+        s.running, s.waiting = len(self.scheduler.running), len(self.scheduler.waiting)
+        s.kv_usage, s.free_kv_blocks = self.blocks.usage, self.blocks.num_free
+        s.prefix_queries, s.prefix_hits = self.blocks.prefix_queries, self.blocks.prefix_hits
+        s.preemptions = self.scheduler.num_preemptions
+        return s
+
+    # --- one-shot heads ------------------------------------------------------------------------
+
+    def run_pooled(self, req: PooledInput) -> list:
+        for ids in req.token_ids:
+            if not ids:
+                raise EngineError("input must contain at least one token", param="input")
+            if len(ids) > self.max_model_len:
+                raise EngineError(f"input of {len(ids)} tokens is over the model's context length "
+                                  f"{self.max_model_len}", param="input", code="context_length_exceeded")
+            bad = [t for t in ids if not (0 <= t < self.vocab_size)]
+            if bad:
+                raise EngineError(f"token id {bad[0]} is outside the vocabulary", param="input")
+        return self.executor.run_pooled(req)
+
+    def generate_all(self, prompts: dict[str, list[int]], params: SamplingParams | dict[str, SamplingParams]) -> dict[str, list[list[int]]]:
+        """Offline helper: run requests to completion; request id -> token ids per choice."""
+        for rid, ids in prompts.items():
+            self.add_request(rid, ids, params[rid] if isinstance(params, dict) else params)
+        results: dict[str, dict[int, list[int]]] = {rid: {} for rid in prompts}
+        while self.has_unfinished():
+            for out in self.step():
+                results[out.request_id].setdefault(out.index, []).extend(out.new_token_ids)
+        return {rid: [r[i] for i in sorted(r)] for rid, r in results.items()}
+
+
+class AsyncEngine:
+    """Runs `Engine.step` in a background thread; each request gets an asyncio stream of outputs."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stopped = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="engine-step-loop", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stopped:
+            with self._lock:
+                busy = self.engine.has_unfinished()
+                outputs: list = []
+                if busy:
+                    try:
+                        outputs = self.engine.step()
+                    except Exception as exc:  # the executor died: fail everything in flight
+                        self._fail_all(exc)
+                        continue
+            for out in outputs:
+                self._deliver(out.request_id, out)
+            if not busy:
+                self._wake.wait(0.05)
+                self._wake.clear()
+
+    def _deliver(self, request_id: str, item) -> None:
+        target = self._streams.get(request_id)
+        if target is not None:
+            loop, queue = target
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        self.error = exc
+        for rid in list(self.engine.requests):
+            self.engine.abort(rid)
+            self._deliver(rid, exc if isinstance(exc, EngineDead) else EngineDead(str(exc)))
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams):
+        """Yields RequestOutputs until every choice finished; aborts on cancellation."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            self.engine.add_request(request_id, prompt_token_ids, params)
+            self._streams[request_id] = (loop, queue)
+        self._wake.set()
+        remaining = params.n
+        try:
+            while remaining:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finished:
+                    remaining -= 1
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if remaining:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self.engine.abort(request_id)
+
+    async def run_pooled(self, req: PooledInput) -> list:
+        def run():
+            with self._lock:
+                return self.engine.run_pooled(req)
+        return await asyncio.to_thread(run)
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            return self.engine.refresh_stats()
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout=5)
+        self.engine.executor.shutdown()

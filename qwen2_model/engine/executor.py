@@ -1,0 +1,71 @@
+"""The Executor interface between the engine and wherever the model runs, and the in-process one.
+
+The engine calls `execute(StepInput) -> StepOutput` once per step and `run_pooled` for the one-shot
+heads. `LocalExecutor` runs a ModelRunner in this process (tp=1); the Ray worker group in
+deployments/workers.py implements the same methods over tensor-parallel actors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from ..config import Qwen2Config
+from ..loading import from_pretrained
+from .kv_cache import PagedKVCache
+from .model_runner import ModelRunner, PooledInput, StepInput, StepOutput
+
+
+class Executor(Protocol):
+    config: Qwen2Config
+    architecture: str
+    num_kv_blocks: int
+    block_size: int
+
+    def execute(self, step: StepInput) -> StepOutput: ...
+    def run_pooled(self, req: PooledInput) -> list: ...
+    def shutdown(self) -> None: ...
+
+
+def kv_blocks_for_budget(config: Qwen2Config, kv_cache_memory: int, block_size: int, dtype: torch.dtype,
+                         tp: int = 1, device: str | torch.device = "cpu", gpu_memory_fraction: float = 0.0) -> int:
+    """How many blocks fit: `kv_cache_memory` bytes, or (CUDA) a fraction of free GPU memory."""
+    kv_heads = max(1, config.num_key_value_heads // tp)
+    per_block = PagedKVCache.bytes_per_block(config.num_hidden_layers, block_size, kv_heads, config.head_dim, dtype)
+    budget = kv_cache_memory
+    if not budget and gpu_memory_fraction and torch.device(device).type == "cuda":
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        budget = int(free * gpu_memory_fraction)
+    blocks = budget // per_block
+    if blocks < 1:
+        raise ValueError(f"kv_cache_memory {budget} bytes holds no KV block ({per_block} bytes per block of "
+                         f"{block_size} tokens)")
+    return int(blocks)
+
+
+class LocalExecutor:
+    """The whole model in this process."""
+
+    def __init__(self, model_path: str | Path, dtype: str | None = None, device: str = "cpu",
+                 kv_cache_memory: int = 256 << 20, block_size: int = 16, gpu_memory_fraction: float = 0.0,
+                 attn_backend: str | None = None):
+        self.model = from_pretrained(model_path, dtype=dtype, device=device, attn_backend=attn_backend)
+        self.config = self.model.config
+        self.architecture = type(self.model).__name__
+        self.block_size = block_size
+        self.num_kv_blocks = 0
+        if self.architecture == "Qwen2ForCausalLM":
+            self.num_kv_blocks = kv_blocks_for_budget(self.config, kv_cache_memory, block_size,
+                                                      self.model.model.dtype, 1, device, gpu_memory_fraction)
+        self.runner = ModelRunner(self.model, self.config.eos_token_ids, self.num_kv_blocks, block_size)
+
+    def execute(self, step: StepInput) -> StepOutput:
+        return self.runner.execute(step)
+
+    def run_pooled(self, req: PooledInput) -> list:
+        return self.runner.run_pooled(req)
+
+    def shutdown(self) -> None:
+        self.runner = None

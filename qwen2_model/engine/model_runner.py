@@ -1,0 +1,143 @@
+"""Runs one engine step on one (tensor-parallel rank of a) model: flat batch in, sampled token ids out.
+
+The same class serves the in-process executor and each Ray worker (deployments/workers.py): it owns
+the model shard, its slice of the paged KV cache and, on the sampling rank, the per-sequence random
+generators. The messages it takes and returns (`StepInput`, `StepOutput`) are small plain
+dataclasses: token ids and block tables in, token ids and logprobs out; full-vocabulary logits never
+leave the process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..modeling import Qwen2ForCausalLM, Qwen2ForQuestionAnswering, base_model, last_token_index
+from .kv_cache import PagedAttentionBatch, PagedKVCache, SeqSlice
+from .sampling import Sampler, SamplingParams, SequenceSamplingState, TokenLogprob, make_generator
+
+
+@dataclass
+class SeqStep:
+    """One sequence's share of a step."""
+    seq_id: int
+    token_ids: list[int]  # the new tokens to run: a prompt chunk, or the last sampled token
+    start_pos: int  # position of token_ids[0]
+    block_table: list[int]
+    sample: bool  # sample a token after this step
+    params: SamplingParams | None = None  # set when sample
+    seed: int | None = None
+    # Token history, sent only when the sampler needs it (penalties, min_tokens).
+    prompt_token_ids: list[int] | None = None
+    output_token_ids: list[int] | None = None
+    num_output_tokens: int = 0
+
+
+@dataclass
+class StepInput:
+    seqs: list[SeqStep]
+    finished_seq_ids: list[int] = field(default_factory=list)  # forget their generators
+
+
+@dataclass
+class StepOutput:
+    sampled: dict[int, tuple[int, TokenLogprob | None]]  # seq_id -> (token id, logprobs)
+
+
+@dataclass
+class PooledInput:
+    """A padded batch for the non-generative heads: one forward, no KV cache."""
+    task: str  # "classify" | "classify_tokens" | "answer" | "embed"
+    token_ids: list[list[int]]
+    pooling: str = "last"  # embeddings: "last" | "mean"
+    normalize: bool = True
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, eos_token_ids: list[int], num_kv_blocks: int = 0,
+                 block_size: int = 16, is_sampler: bool = True):
+        self.model = model
+        self.decoder = base_model(model)
+        self.device = self.decoder.embed_tokens.weight.device
+        self.eos_token_ids = eos_token_ids
+        self.is_sampler = is_sampler
+        self.sampler = Sampler()
+        self.generators: dict[int, torch.Generator] = {}
+        self.cache = None
+        if num_kv_blocks and isinstance(model, Qwen2ForCausalLM):
+            attn = self.decoder.layers[0].self_attn
+            self.cache = PagedKVCache(len(self.decoder.layers), num_kv_blocks, block_size, attn.num_kv_heads,
+                                      attn.head_dim, self.decoder.dtype, self.device)
+
+    @torch.inference_mode()
+    def execute(self, step: StepInput) -> StepOutput:
+        for seq_id in step.finished_seq_ids:
+            self.generators.pop(seq_id, None)
+        if not step.seqs:
+            return StepOutput({})
+        token_ids, positions, slices, sample_rows = [], [], [], []
+        for s in step.seqs:
+            start = len(token_ids)
+            token_ids.extend(s.token_ids)
+            positions.extend(range(s.start_pos, s.start_pos + len(s.token_ids)))
+            slices.append(SeqSlice(start, len(s.token_ids), s.start_pos + len(s.token_ids), s.block_table))
+            if s.sample:
+                sample_rows.append(len(token_ids) - 1)
+        batch = PagedAttentionBatch(self.cache, slices, self.device)
+        hidden = self.decoder.forward_tokens(torch.tensor(token_ids, device=self.device),
+                                             torch.tensor(positions, device=self.device), batch)  # [T, E]
+        if not sample_rows:
+            return StepOutput({})
+        logits = self.model.compute_logits(hidden[sample_rows])  # [N, V], all ranks (all-gather inside)
+        if not self.is_sampler:
+            return StepOutput({})
+        return self._sample(logits, [s for s in step.seqs if s.sample])
+
+    def _sample(self, logits: torch.Tensor, seqs: list[SeqStep]) -> StepOutput:
+        states = []
+        for s in seqs:
+            if s.seed is not None and s.seq_id not in self.generators:
+                self.generators[s.seq_id] = make_generator(s.seed, self.device)
+            outputs = s.output_token_ids if s.output_token_ids is not None else [0] * s.num_output_tokens
+            states.append(SequenceSamplingState(s.params, s.prompt_token_ids or [], outputs, self.eos_token_ids,
+                                                self.generators.get(s.seq_id)))
+        result = self.sampler(logits, states)
+        return StepOutput({s.seq_id: (tok, lp) for s, tok, lp in zip(seqs, result.token_ids, result.logprobs)})
+
+    # --- one-shot heads -----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def run_pooled(self, req: PooledInput) -> list:
+        """Right-padded batch -> per-input results as plain lists (small: labels, spans, vectors)."""
+        lengths = [len(ids) for ids in req.token_ids]
+        S = max(lengths)
+        ids = torch.zeros(len(lengths), S, dtype=torch.long, device=self.device)
+        mask = torch.zeros_like(ids)
+        for i, row in enumerate(req.token_ids):
+            ids[i, :len(row)] = torch.tensor(row)
+            mask[i, :len(row)] = 1
+        if req.task == "embed":
+            hidden = self.decoder(ids, mask).float()  # [B, S, E]
+            if req.pooling == "mean":
+                pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+            else:
+                pooled = hidden[torch.arange(len(lengths)), torch.tensor(lengths) - 1]
+            if req.normalize:
+                pooled = F.normalize(pooled, dim=-1)
+            return pooled.tolist()
+        if req.task == "classify":
+            hidden = self.decoder(ids, mask)
+            last = last_token_index(ids, None, mask)
+            logits = self.model.score(hidden[torch.arange(len(lengths)), last]).float()  # [B, C]
+            return logits.softmax(-1).tolist()
+        if req.task == "classify_tokens":
+            probs = self.model(ids, mask).float().softmax(-1)  # [B, S, C]
+            return [probs[i, :n].tolist() for i, n in enumerate(lengths)]
+        if req.task == "answer":
+            assert isinstance(self.model, Qwen2ForQuestionAnswering)
+            out = self.model(ids, mask)
+            return [(out.start_logits[i, :n].float().tolist(), out.end_logits[i, :n].float().tolist())
+                    for i, n in enumerate(lengths)]
+        raise ValueError(f"unknown pooled task {req.task!r}")
