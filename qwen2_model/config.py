@@ -171,8 +171,8 @@ class Qwen2Config:
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in raw.items() if k in known}
         kwargs["extra"] = {k: v for k, v in raw.items() if k not in known and k != "dtype"}
-        if isinstance(kwargs.get("architectures"), type(None)):
-            kwargs.pop("architectures")
+        if kwargs.get("architectures") is None:  # absent, or null in the JSON: the default
+            kwargs.pop("architectures", None)
         try:
             return cls(**kwargs)
         except TypeError as exc:  # a field of the wrong JSON type

@@ -105,9 +105,13 @@ def load_weights(model: nn.Module, files: list[Path], tied: bool) -> None:
         except Exception as exc:  # safetensors raises its own error type for truncated/corrupt files
             raise CheckpointError(f"cannot read {file}: {exc}") from exc
         with handle:
-            for name in handle.keys():
-                if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
-                    continue
+            keys = list(handle.keys())
+        for name in keys:
+            if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+                continue
+            # One mapping per tensor: the pages of a file read so far stay mapped (and counted in the
+            # process's RSS) until its handle closes, which would hold the weights twice at the peak.
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
                 target = name if name in names else _alias(name, names)
                 if target is None:
                     raise CheckpointError(f"unexpected tensor {name!r} in {file.name}: the "

@@ -144,10 +144,11 @@ class Engine:
         self.requests[request_id] = seqs
         self.stats.prompt_tokens += len(prompt_token_ids)
 
-    def abort(self, request_id: str) -> list[RequestOutput]:
+    def abort(self, request_id: str, index: int | None = None) -> list[RequestOutput]:
+        """Stop a request (or one choice of it, `index`) and free its KV blocks at once."""
         outputs = []
-        for seq in self.requests.pop(request_id, []):
-            if seq.status != Status.FINISHED:
+        for seq in list(self.requests.get(request_id, [])):
+            if seq.status != Status.FINISHED and index in (None, seq.index):
                 self._finish(seq, "abort")
                 outputs.append(self._output(seq, [], []))
         return outputs
@@ -326,9 +327,11 @@ class AsyncEngine:
             if remaining:
                 self.abort(request_id)
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str, index: int | None = None) -> None:
         with self._lock:
-            self.engine.abort(request_id)
+            outputs = self.engine.abort(request_id, index)
+        for out in outputs:  # the stream sees the choice end with finish_reason "abort"
+            self._deliver(request_id, out)
 
     async def run_pooled(self, req: PooledInput) -> list:
         def run():
