@@ -1,0 +1,497 @@
+"""The request logic both ingresses share: resolve the model, tokenize, call the Router, detokenize.
+
+The HTTP routes (http_ingress.py) and the gRPC servicer (grpc_ingress.py) are thin shells over a
+`Frontend`: they parse their wire format, call these methods, and format the answer. So validation,
+tokenization, stop strings, deadlines and error mapping behave the same on both.
+
+Generation: `generate_stream` streams one Router call per prompt. Each choice has its own
+incremental detokenizer; stop strings are matched on the detokenized text across token boundaries
+and never emitted (a tail that could still become a stop string is held back until it cannot).
+When a stop string ends a choice, the choice is aborted on the Router so its KV blocks are freed
+at once. Leaving the stream early (client disconnect, deadline) cancels the Router call, which
+aborts the request in the engine.
+
+Every error leaves as a `ServeError` (deployments/errors.py); exceptions coming back from a Router
+replica (wrapped by Ray) are unwrapped to the ServeError they carry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from deployments.protocol import (
+    DEFAULT_LIMITS,
+    InternalError,
+    InvalidRequestError,
+    Limits,
+    ModelNotFoundError,
+    QueueFullError,
+    RequestTimeoutError,
+    ServeError,
+    UnavailableError,
+    new_id,
+    normalize_inputs,
+    resolve_max_tokens,
+)
+
+TASKS = ("generate", "classify", "classify_tokens", "answer", "embed")
+TASK_BY_ARCHITECTURE = {
+    "Qwen2ForCausalLM": "generate",
+    "Qwen2ForSequenceClassification": "classify",
+    "Qwen2ForTokenClassification": "classify_tokens",
+    "Qwen2ForQuestionAnswering": "answer",
+    "Qwen2Model": "embed",
+}
+ANSWER_MAX_SPAN_TOKENS = 30
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    path: str
+    task: str  # "generate" | "classify" | "classify_tokens" | "answer" | "embed"
+    tokenizer: Any  # Qwen2Tokenizer
+    router: Any  # DeploymentHandle of the model's Router deployment
+    max_model_len: int
+    id2label: dict[int, str] = field(default_factory=dict)
+
+    def can(self, task: str | None) -> bool:
+        # Every head sits on the decoder, so every model can embed.
+        return task is None or task == self.task or task == "embed"
+
+
+@dataclass
+class GenerationDelta:
+    index: int
+    text: str
+    token_ids: list[int]
+    # [{token_id, token, logprob, top_logprobs: [{token_id, token, logprob}]}] per token, or None
+    logprobs: list[dict] | None
+    finish_reason: str | None
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+@dataclass
+class Choice:
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[dict] | None
+    finish_reason: str | None
+
+
+def to_serve_error(exc: BaseException) -> ServeError:
+    """Whatever a Router call raised -> the ServeError to show the client."""
+    seen = 0
+    cur: BaseException | None = exc
+    while cur is not None and seen < 5:  # RayTaskError(cause=...) chains
+        if isinstance(cur, ServeError):
+            # Ray's dual-class wrapper is a ServeError too; prefer the plain cause if there is one.
+            cause = getattr(cur, "cause", None)
+            return cause if isinstance(cause, ServeError) else cur
+        cur = getattr(cur, "cause", None) or cur.__cause__
+        seen += 1
+    name = type(exc).__name__
+    try:
+        from ray import exceptions as rex
+        from ray.serve import exceptions as sex
+        if isinstance(exc, sex.BackPressureError):
+            return QueueFullError(f"The server is busy ({exc}); retry later", retry_after=1.0)
+        if isinstance(exc, (rex.RayActorError, rex.ActorDiedError, rex.ActorUnavailableError)):
+            return UnavailableError(f"The model replica is not available: {name}")
+        if isinstance(exc, sex.DeploymentUnavailableError):
+            return UnavailableError(str(exc))
+        if isinstance(exc, (rex.TaskCancelledError,)):
+            return UnavailableError("The request was cancelled")
+    except ImportError:
+        pass
+    if isinstance(exc, asyncio.TimeoutError):
+        return RequestTimeoutError("The request timed out")
+    return InternalError(f"Internal error: {name}: {exc}")
+
+
+class _Deadline:
+    def __init__(self, seconds: float):
+        self.at = time.monotonic() + seconds
+        self.seconds = seconds
+
+    def remaining(self) -> float:
+        left = self.at - time.monotonic()
+        if left <= 0:
+            raise RequestTimeoutError(f"The request did not finish within {self.seconds:g} seconds")
+        return left
+
+    async def run(self, awaitable):
+        try:
+            return await asyncio.wait_for(awaitable, self.remaining())
+        except asyncio.TimeoutError:
+            raise RequestTimeoutError(f"The request did not finish within {self.seconds:g} seconds") from None
+
+
+class _ChoiceState:
+    """Detokenization and stop-string matching for one choice."""
+
+    def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str]):
+        from qwen2_model.tokenizer import IncrementalDetokenizer
+
+        self.detok = IncrementalDetokenizer(tokenizer, prompt_ids)
+        self.stop = stop
+        self.held = ""  # decoded text not yet emitted: it may be the start of a stop string
+        self.finished = False
+        self.num_output_tokens = 0
+
+    def feed(self, token_ids: list[int], final: bool) -> tuple[str, bool]:
+        """New token ids -> (text to emit, stopped by a stop string)."""
+        text = self.detok.add(token_ids) if token_ids else ""
+        if final:
+            text += self.detok.flush()
+        buf = self.held + text
+        if not self.stop:
+            self.held = ""
+            return buf, False
+        hit = min((i for i in (buf.find(s) for s in self.stop) if i >= 0), default=-1)
+        if hit >= 0:
+            self.held = ""
+            return buf[:hit], True
+        if final:
+            self.held = ""
+            return buf, False
+        keep = 0  # the longest tail of buf that is a proper prefix of some stop string
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(buf)), keep, -1):
+                if buf.endswith(s[:k]):
+                    keep = k
+                    break
+        self.held = buf[len(buf) - keep:] if keep else ""
+        return buf[:len(buf) - keep], False
+
+
+class Frontend:
+    def __init__(self, models: list[ModelEntry], limits: Limits = DEFAULT_LIMITS, request_timeout_s: float = 600):
+        if not models:
+            raise ValueError("Frontend needs at least one model")
+        names = [m.name for m in models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names must be unique, got {names}")
+        self.models = list(models)
+        self.by_name = {m.name: m for m in models}
+        self.limits = limits
+        self.request_timeout_s = float(request_timeout_s)
+
+    # --- models --------------------------------------------------------------------------------
+
+    def resolve(self, model: str | None, task: str | None = None) -> ModelEntry:
+        if not model:
+            for m in self.models:  # a model whose own task it is, then any that can
+                if task is None or m.task == task:
+                    return m
+            for m in self.models:
+                if m.can(task):
+                    return m
+            raise InvalidRequestError(f"No served model can do {task!r}; served: "
+                                      f"{', '.join(f'{m.name} ({m.task})' for m in self.models)}", param="model")
+        entry = self.by_name.get(model)
+        if entry is None:
+            raise ModelNotFoundError(model, available=list(self.by_name))
+        if not entry.can(task):
+            raise InvalidRequestError(f"The model '{model}' is a {entry.task} model and cannot do {task!r}",
+                                      param="model")
+        return entry
+
+    def list_models(self) -> list[dict]:
+        return [{"id": m.name, "task": m.task, "max_model_len": m.max_model_len, "owned_by": "qwen2-serve",
+                 "root": m.path} for m in self.models]
+
+    # --- text ----------------------------------------------------------------------------------
+
+    def render_chat(self, model: str, messages: list[dict], tools=None, add_generation_prompt: bool = True,
+                    **template_kwargs) -> str:
+        entry = self.resolve(model, "generate")
+        try:
+            return entry.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                       tools=tools, **template_kwargs)
+        except ValueError as exc:
+            raise InvalidRequestError(f"Invalid value for 'messages': {exc}", param="messages") from None
+
+    def tokenize(self, model: str, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self.resolve(model).tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def detokenize(self, model: str, token_ids: list[int]) -> str:
+        entry = self.resolve(model)
+        vocab = len(entry.tokenizer)
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"Invalid value for 'tokens': token id {bad[0]} is outside the vocabulary "
+                                      f"[0, {vocab})", param="tokens")
+        return entry.tokenizer.decode(token_ids)
+
+    def _logprob_entries(self, tokenizer, raw: list[dict | None] | None) -> list[dict] | None:
+        if raw is None:
+            return None
+        out = []
+        for lp in raw:
+            if lp is None:
+                out.append(None)
+                continue
+            out.append({
+                "token_id": lp["token_id"], "token": self._token_text(tokenizer, lp["token_id"]),
+                "logprob": lp["logprob"],
+                "top_logprobs": [{"token_id": t, "token": self._token_text(tokenizer, t), "logprob": v}
+                                 for t, v in lp.get("top", [])],
+            })
+        return out
+
+    @staticmethod
+    def _token_text(tokenizer, token_id: int) -> str:
+        # The decoded text of the token (readable, unlike byte-level 'Ġx' forms); ids past the
+        # tokenizer's vocabulary (a padded LM head) have no text.
+        try:
+            return tokenizer.decode([token_id])
+        except Exception:
+            return ""
+
+    # --- generation ----------------------------------------------------------------------------
+
+    def _prompt_ids(self, entry: ModelEntry, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("Invalid value for 'prompt': must not be empty", param="prompt")
+            return entry.tokenizer.encode(prompt)
+        ids = [int(t) for t in prompt]
+        if not ids:
+            raise InvalidRequestError("Invalid value for 'prompt': must not be an empty list", param="prompt")
+        return ids
+
+    async def generate_stream(self, model: str, prompt: str | list[int], sampling: dict,
+                              request_id: str | None = None, timeout_s: float | None = None
+                              ) -> AsyncIterator[GenerationDelta | Usage]:
+        """Deltas for every choice as they come, then one Usage.
+
+        `sampling` is `to_sampling_fields()` output (with "stop"; max_tokens may be None = the rest
+        of the context). `timeout_s` (e.g. a gRPC deadline) can only shorten the server's timeout.
+        """
+        entry = self.resolve(model, "generate")
+        params = dict(sampling)
+        stop = list(params.pop("stop", None) or [])
+        ids = self._prompt_ids(entry, prompt)
+        params["max_tokens"] = resolve_max_tokens(params.get("max_tokens"), len(ids), entry.max_model_len)
+        n = int(params.get("n") or 1)
+        request_id = request_id or new_id("req")
+        seconds = self.request_timeout_s if timeout_s is None else min(self.request_timeout_s, max(timeout_s, 0.0))
+        deadline = _Deadline(seconds)
+        states = [_ChoiceState(entry.tokenizer, ids, stop) for _ in range(n)]
+        remaining = n
+        stream = entry.router.options(stream=True).generate.remote(request_id, ids, params)
+        try:
+            while remaining:
+                try:
+                    out = await deadline.run(stream.__anext__())
+                except StopAsyncIteration:
+                    break
+                except ServeError:
+                    raise
+                except Exception as exc:
+                    raise to_serve_error(exc) from None
+                st = states[out["index"]]
+                if st.finished:
+                    continue  # outputs after our own abort (stop string)
+                reason = out["finish_reason"]
+                st.num_output_tokens = out["num_output_tokens"]
+                text, stopped = st.feed(out["token_ids"], final=reason is not None)
+                if stopped:
+                    reason = "stop"
+                    if out["finish_reason"] is None:  # the engine is still generating it: free its blocks
+                        await entry.router.abort.remote(request_id, out["index"])
+                elif reason == "abort":
+                    reason = "stop"
+                if reason is not None:
+                    st.finished = True
+                    remaining -= 1
+                yield GenerationDelta(out["index"], text, list(out["token_ids"]),
+                                      self._logprob_entries(entry.tokenizer, out.get("logprobs")), reason)
+        finally:
+            if remaining:  # left early: disconnect, deadline, error -> stop the engine now
+                try:
+                    stream.cancel()
+                except Exception:
+                    pass
+                try:
+                    entry.router.abort.remote(request_id)
+                except Exception:
+                    pass
+        completion = sum(s.num_output_tokens for s in states)
+        yield Usage(len(ids), completion, len(ids) + completion)
+
+    async def generate(self, model: str, prompt: str | list[int], sampling: dict, request_id: str | None = None,
+                       timeout_s: float | None = None) -> tuple[list[Choice], Usage]:
+        n = int(sampling.get("n") or 1)
+        choices = [Choice(i, "", [], None, None) for i in range(n)]
+        texts: list[list[str]] = [[] for _ in range(n)]
+        usage = Usage(0, 0, 0)
+        agen = self.generate_stream(model, prompt, sampling, request_id, timeout_s)
+        try:
+            async for item in agen:
+                if isinstance(item, Usage):
+                    usage = item
+                    continue
+                c = choices[item.index]
+                texts[item.index].append(item.text)
+                c.token_ids.extend(item.token_ids)
+                if item.logprobs is not None:
+                    c.logprobs = (c.logprobs or []) + item.logprobs
+                if item.finish_reason is not None:
+                    c.finish_reason = item.finish_reason
+        finally:
+            await agen.aclose()
+        for c, t in zip(choices, texts):
+            c.text = "".join(t)
+        return choices, usage
+
+    # --- one-shot heads ------------------------------------------------------------------------
+
+    async def _pooled(self, entry: ModelEntry, task: str, token_ids: list[list[int]], **kw) -> list:
+        for i, ids in enumerate(token_ids):
+            if len(ids) > entry.max_model_len:
+                from deployments.protocol import ContextLengthExceededError
+                raise ContextLengthExceededError(
+                    f"This model's maximum context length is {entry.max_model_len} tokens, but input {i} has "
+                    f"{len(ids)} tokens", param="input")
+        deadline = _Deadline(self.request_timeout_s)
+        try:
+            return await deadline.run(entry.router.pooled.remote(task, token_ids, **kw))
+        except ServeError as exc:
+            raise to_serve_error(exc) from None
+        except Exception as exc:
+            raise to_serve_error(exc) from None
+
+    async def classify(self, model: str, inputs: list[str]) -> tuple[list[dict], Usage]:
+        entry = self.resolve(model, "classify")
+        if entry.task != "classify":
+            raise InvalidRequestError(f"The model '{entry.name}' is a {entry.task} model, not a classifier",
+                                      param="model")
+        texts = normalize_inputs(inputs, "input", self.limits)
+        ids = [t if isinstance(t, list) else entry.tokenizer.encode(t) for t in texts]
+        probs = await self._pooled(entry, "classify", ids)
+        data = []
+        for i, p in enumerate(probs):
+            best = max(range(len(p)), key=p.__getitem__)
+            data.append({"index": i, "label": entry.id2label.get(best, f"LABEL_{best}"), "probs": p,
+                         "num_classes": len(p)})
+        total = sum(len(x) for x in ids)
+        return data, Usage(total, 0, total)
+
+    async def classify_tokens(self, model: str, text: str, aggregation: str = "none") -> tuple[list[dict], list[dict]]:
+        entry = self.resolve(model, "classify_tokens")
+        if entry.task != "classify_tokens":
+            raise InvalidRequestError(f"The model '{entry.name}' is a {entry.task} model, not a token classifier",
+                                      param="model")
+        if not text:
+            raise InvalidRequestError("Invalid value for 'input': must not be empty", param="input")
+        if aggregation not in ("none", "simple"):
+            raise InvalidRequestError("Invalid value for 'aggregation': must be 'none' or 'simple'",
+                                      param="aggregation")
+        ids, offsets = entry.tokenizer.encode_with_offsets(text)
+        if not ids:
+            raise InvalidRequestError("Invalid value for 'input': no tokens", param="input")
+        [probs] = await self._pooled(entry, "classify_tokens", [ids])
+        tokens = []
+        for tid, (start, end), p in zip(ids, offsets, probs):
+            best = max(range(len(p)), key=p.__getitem__)
+            tokens.append({"token": text[start:end], "label": entry.id2label.get(best, f"LABEL_{best}"),
+                           "score": float(p[best]), "start": int(start), "end": int(end)})
+        entities = group_entities(tokens, text) if aggregation == "simple" else []
+        return tokens, entities
+
+    async def answer(self, model: str, question: str, context: str) -> dict:
+        entry = self.resolve(model, "answer")
+        if entry.task != "answer":
+            raise InvalidRequestError(f"The model '{entry.name}' is a {entry.task} model, not a question answerer",
+                                      param="model")
+        if not question:
+            raise InvalidRequestError("Invalid value for 'question': must not be empty", param="question")
+        if not context:
+            raise InvalidRequestError("Invalid value for 'context': must not be empty", param="context")
+        q_ids = entry.tokenizer.encode(question)
+        c_ids, c_offsets = entry.tokenizer.encode_with_offsets(context)
+        room = entry.max_model_len - len(q_ids)
+        if room < 1 or not c_ids:
+            raise InvalidRequestError("Invalid value for 'question': leaves no room for the context",
+                                      param="question")
+        c_ids, c_offsets = c_ids[:room], c_offsets[:room]  # truncate the context, never the question
+        [(start_logits, end_logits)] = await self._pooled(entry, "answer", [q_ids + c_ids])
+        q = len(q_ids)
+        s, e = start_logits[q:], end_logits[q:]  # context positions only
+        return best_span(s, e, c_offsets, context)
+
+    async def embed(self, model: str, inputs: list[str] | list[list[int]], pooling: str = "last",
+                    normalize: bool = True) -> tuple[list[list[float]], Usage]:
+        entry = self.resolve(model, "embed")
+        if pooling not in ("last", "mean"):
+            raise InvalidRequestError("Invalid value for 'pooling': must be 'last' or 'mean'", param="pooling")
+        batch = normalize_inputs(inputs, "input", self.limits)
+        ids = [t if isinstance(t, list) else entry.tokenizer.encode(t) for t in batch]
+        vectors = await self._pooled(entry, "embed", ids, pooling=pooling, normalize=bool(normalize))
+        total = sum(len(x) for x in ids)
+        return vectors, Usage(total, 0, total)
+
+
+# ---------------------------------------------------------------------------------------------
+# Post-processing of the one-shot heads
+
+
+def _split_tag(label: str) -> tuple[str, str]:
+    # HF's TokenClassificationPipeline.get_tag: "B-X" / "I-X" -> (bi, X); a bare label is an I-.
+    if label.startswith("B-") or label.startswith("I-"):
+        return label[0], label[2:]
+    return "I", label
+
+
+def group_entities(tokens: list[dict], text: str) -> list[dict]:
+    """HF pipeline's aggregation_strategy="simple": B-/I- runs of one type -> entities; "O" dropped."""
+    groups: list[list[dict]] = []
+    tags: list[str] = []
+    for tok in tokens:
+        bi, tag = _split_tag(tok["label"])
+        if groups and bi != "B" and tag == tags[-1]:
+            groups[-1].append(tok)
+        else:
+            groups.append([tok])
+            tags.append(tag)
+    out = []
+    for group, tag in zip(groups, tags):
+        if tag == "O" or group[0]["label"] == "O":
+            continue
+        start, end = group[0]["start"], group[-1]["end"]
+        out.append({"entity_group": tag, "score": sum(t["score"] for t in group) / len(group),
+                    "word": text[start:end].strip(), "start": start, "end": end})
+    return out
+
+
+def best_span(start_logits: list[float], end_logits: list[float], offsets: list[tuple[int, int]], context: str,
+              max_len: int = ANSWER_MAX_SPAN_TOKENS) -> dict:
+    """The span start <= end < start + max_len maximizing p_start * p_end (softmax over the context)."""
+    def softmax(xs: list[float]) -> list[float]:
+        m = max(xs)
+        ex = [math.exp(x - m) for x in xs]
+        z = sum(ex)
+        return [x / z for x in ex]
+
+    ps, pe = softmax(start_logits), softmax(end_logits)
+    best, bi, bj = -1.0, 0, 0
+    for i in range(len(ps)):
+        for j in range(i, min(len(pe), i + max_len)):
+            score = ps[i] * pe[j]
+            if score > best:
+                best, bi, bj = score, i, j
+    start, end = offsets[bi][0], offsets[bj][1]
+    return {"answer": context[start:end], "score": float(best), "start": int(start), "end": int(end)}

@@ -1,0 +1,457 @@
+"""HTTP ingress: the OpenAI-compatible FastAPI app served by the Ingress deployment (deployments/app.py).
+
+Routes: POST /v1/completions, /v1/chat/completions (both with `stream`: SSE `data: {...}` chunks,
+ending `data: [DONE]`), GET /v1/models, POST /v1/classify, /v1/classify/tokens, /v1/answer,
+/v1/embeddings, /tokenize, /detokenize, GET /health (live), GET /ready (every Router answers).
+
+Each route is a thin shell over `Frontend` (deployments/frontend.py), shared with the gRPC ingress.
+Errors: every ServeError and every pydantic validation error becomes OpenAI's error body with the
+status of DESIGN.md's table (429 carries Retry-After). Before any route runs, one ASGI middleware
+checks the API key (when one is set; /health and /ready are open) and caps the body size, from
+Content-Length and from the bytes actually received. A streamed response whose client goes away
+is cancelled, which cancels the Router call and frees the request's KV blocks.
+
+The Ingress replica installs its Frontend with `bind(frontend, api_key=...)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from deployments.frontend import Frontend, GenerationDelta, Usage, to_serve_error
+from deployments.protocol import (
+    AnswerRequest,
+    BodyTooLargeError,
+    ChatCompletionRequest,
+    ClassifyRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    EmbeddingRequest,
+    InvalidRequestError,
+    ServeError,
+    TokenClassifyRequest,
+    TokenizeRequest,
+    UnavailableError,
+    check_api_key,
+    encode_embedding,
+    new_id,
+    normalize_inputs,
+    to_sampling_fields,
+    validation_error_to_serve_error,
+)
+
+OPEN_PATHS = {"/health", "/ready", "/docs", "/openapi.json"}
+TIMEOUT_HEADER = "x-request-timeout"  # seconds; may only shorten the server's request timeout
+
+_STATE: dict[str, Any] = {"frontend": None, "api_key": None}
+
+
+def bind(frontend: Frontend, api_key: str | None = None) -> None:
+    """Install the Frontend these routes use (called in the Ingress replica's __init__)."""
+    _STATE["frontend"] = frontend
+    _STATE["api_key"] = api_key or None
+
+
+def _frontend() -> Frontend:
+    fe = _STATE["frontend"]
+    if fe is None:
+        raise UnavailableError("The server is starting")
+    return fe
+
+
+def error_response(err: ServeError) -> JSONResponse:
+    status, body, headers = err.to_http()
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class GuardMiddleware:
+    """API key + body size cap, before FastAPI reads anything (pure ASGI, so streaming is untouched)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        fe: Frontend | None = _STATE["frontend"]
+        path = scope.get("path", "")
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        try:
+            if path not in OPEN_PATHS:
+                check_api_key(headers.get("authorization"), _STATE["api_key"])
+            limit = fe.limits.max_body_bytes if fe else 1 << 20
+            length = headers.get("content-length")
+            if length and length.isdigit() and int(length) > limit:
+                raise BodyTooLargeError(f"Request body is {length} bytes; the limit is {limit} bytes")
+            if scope.get("method") in ("GET", "HEAD", "OPTIONS"):
+                return await self.app(scope, receive, send)
+            body, more = b"", True
+            while more:
+                msg = await receive()
+                if msg["type"] == "http.disconnect":
+                    return
+                body += msg.get("body", b"")
+                if len(body) > limit:
+                    raise BodyTooLargeError(f"Request body is over the limit of {limit} bytes")
+                more = msg.get("more_body", False)
+        except ServeError as err:
+            return await error_response(err)(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # then the real channel, so disconnects are still seen
+
+        return await self.app(scope, replay, send)
+
+
+app = FastAPI(title="qwen2-serve", description="Qwen2 on Ray Serve: OpenAI-compatible HTTP API")
+app.add_middleware(GuardMiddleware)
+
+
+@app.exception_handler(ServeError)
+async def _serve_error(request: Request, exc: ServeError):
+    return error_response(exc)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError):
+    return error_response(validation_error_to_serve_error(exc))
+
+
+@app.exception_handler(Exception)
+async def _any_error(request: Request, exc: Exception):
+    return error_response(to_serve_error(exc))
+
+
+def _timeout(request: Request) -> float | None:
+    value = request.headers.get(TIMEOUT_HEADER)
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise InvalidRequestError(f"Invalid value for header '{TIMEOUT_HEADER}': not a number",
+                                  param=TIMEOUT_HEADER) from None
+    if not seconds > 0:
+        raise InvalidRequestError(f"Invalid value for header '{TIMEOUT_HEADER}': must be > 0", param=TIMEOUT_HEADER)
+    return seconds
+
+
+def _usage(u: Usage) -> dict:
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.total_tokens}
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation plumbing
+
+
+async def _merged(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, Any]]:
+    """Items of several async iterators as they come, tagged with the iterator's position."""
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield 0, item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i, it):
+        try:
+            async for item in it:
+                await queue.put((i, item))
+        except BaseException as exc:  # noqa: BLE001 (handed to the consumer)
+            await queue.put((i, exc))
+        finally:
+            await queue.put((i, done))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        left = len(streams)
+        while left:
+            i, item = await queue.get()
+            if item is done:
+                left -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        for s in streams:
+            with contextlib.suppress(BaseException):
+                await s.aclose()
+
+
+def _streams(fe: Frontend, model: str, prompts: list, sampling: dict, timeout_s: float | None, rid: str):
+    return [fe.generate_stream(model, p, sampling, request_id=f"{rid}-{i}", timeout_s=timeout_s)
+            for i, p in enumerate(prompts)]
+
+
+async def _prime(agen: AsyncIterator) -> AsyncIterator:
+    """Start a stream before the response does, so errors before the first chunk get a real status."""
+    try:
+        first = await agen.__anext__()
+    except StopAsyncIteration:
+        first = None
+
+    async def chained():
+        try:
+            if first is not None:
+                yield first
+            async for item in agen:
+                yield item
+        finally:
+            await agen.aclose()
+
+    return chained()
+
+
+async def _sse_stream(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except ServeError as err:  # after the headers: the error goes in the stream
+        yield _sse(err.to_http()[1])
+    except (asyncio.CancelledError, GeneratorExit):
+        raise
+    except Exception as exc:  # noqa: BLE001
+        yield _sse(to_serve_error(exc).to_http()[1])
+    finally:
+        with contextlib.suppress(BaseException):
+            await chunks.aclose()
+    yield "data: [DONE]\n\n"
+
+
+def _completion_logprobs(entries: list[dict], start_offset: int) -> dict:
+    out = {"text_offset": [], "token_logprobs": [], "tokens": [], "top_logprobs": []}
+    offset = start_offset
+    for e in entries:
+        if e is None:
+            continue
+        out["text_offset"].append(offset)
+        out["tokens"].append(e["token"])
+        out["token_logprobs"].append(e["logprob"])
+        out["top_logprobs"].append({t["token"]: t["logprob"] for t in e["top_logprobs"]} or None)
+        offset += len(e["token"])
+    return out
+
+
+def _chat_logprobs(entries: list[dict]) -> dict:
+    return {"content": [
+        {"token": e["token"], "logprob": e["logprob"], "bytes": list(e["token"].encode("utf-8")),
+         "top_logprobs": [{"token": t["token"], "logprob": t["logprob"], "bytes": list(t["token"].encode("utf-8"))}
+                          for t in e["top_logprobs"]]}
+        for e in entries if e is not None]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Routes
+
+
+@app.get("/health")
+async def health():
+    return {"status": "ok"}
+
+
+@app.get("/ready")
+async def ready():
+    fe = _frontend()
+    models = {}
+    try:
+        for m in fe.models:
+            info = await asyncio.wait_for(m.router.info.remote(), 10)
+            models[m.name] = {"architecture": info["architecture"], "max_model_len": info["max_model_len"]}
+    except Exception as exc:  # noqa: BLE001
+        err = to_serve_error(exc)
+        return JSONResponse({"status": "not_ready", "error": err.message}, status_code=503)
+    return {"status": "ready", "models": models}
+
+
+@app.get("/v1/models")
+async def list_models():
+    data = [{"id": m["id"], "object": "model", "created": int(time.time()), "owned_by": m["owned_by"],
+             "root": m.get("root"), "max_model_len": m["max_model_len"], "task": m["task"]}
+            for m in _frontend().list_models()]
+    return {"object": "list", "data": data}
+
+
+@app.post("/v1/completions")
+async def completions(req: CompletionRequest, request: Request):
+    fe = _frontend()
+    entry = fe.resolve(req.model, "generate")
+    sampling = to_sampling_fields(req, fe.limits)
+    prompts = normalize_inputs(req.prompt, "prompt", fe.limits)
+    timeout_s = _timeout(request)
+    rid = new_id("cmpl")
+    n = sampling["n"]
+    created = int(time.time())
+
+    if not req.stream:
+        results = await asyncio.gather(*[
+            fe.generate(entry.name, p, sampling, request_id=f"{rid}-{i}", timeout_s=timeout_s)
+            for i, p in enumerate(prompts)])
+        choices, prompt_tokens, completion_tokens = [], 0, 0
+        for i, (cs, usage) in enumerate(results):
+            prompt_tokens += usage.prompt_tokens
+            completion_tokens += usage.completion_tokens
+            for c in cs:
+                choices.append({"index": i * n + c.index, "text": c.text, "finish_reason": c.finish_reason,
+                                "logprobs": _completion_logprobs(c.logprobs, 0) if c.logprobs is not None else None})
+        return {"id": rid, "object": "text_completion", "created": created, "model": entry.name,
+                "choices": choices, "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                              "total_tokens": prompt_tokens + completion_tokens}}
+
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    source = await _prime(_merged(_streams(fe, entry.name, prompts, sampling, timeout_s, rid)))
+
+    async def chunks():
+        offsets: dict[int, int] = {}
+        prompt_tokens = completion_tokens = 0
+        async for i, item in source:
+            if isinstance(item, Usage):
+                prompt_tokens += item.prompt_tokens
+                completion_tokens += item.completion_tokens
+                continue
+            index = i * n + item.index
+            choice = {"index": index, "text": item.text, "finish_reason": item.finish_reason, "logprobs": None}
+            if item.logprobs is not None:
+                choice["logprobs"] = _completion_logprobs(item.logprobs, offsets.get(index, 0))
+            offsets[index] = offsets.get(index, 0) + len(item.text)
+            yield _sse({"id": rid, "object": "text_completion", "created": created, "model": entry.name,
+                        "choices": [choice]})
+        if include_usage:
+            yield _sse({"id": rid, "object": "text_completion", "created": created, "model": entry.name,
+                        "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                                 "total_tokens": prompt_tokens + completion_tokens}})
+
+    return StreamingResponse(_sse_stream(chunks()), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+
+def _message_dict(m) -> dict:
+    d: dict[str, Any] = {"role": m.role, "content": m.text()}
+    if m.name:
+        d["name"] = m.name
+    if m.tool_calls:
+        d["tool_calls"] = m.tool_calls
+    if m.tool_call_id:
+        d["tool_call_id"] = m.tool_call_id
+    return d
+
+
+@app.post("/v1/chat/completions")
+async def chat_completions(req: ChatCompletionRequest, request: Request):
+    fe = _frontend()
+    entry = fe.resolve(req.model, "generate")
+    sampling = to_sampling_fields(req, fe.limits)
+    prompt = fe.render_chat(entry.name, [_message_dict(m) for m in req.messages], tools=req.tools,
+                            add_generation_prompt=req.add_generation_prompt, **(req.chat_template_kwargs or {}))
+    prompt_ids = fe.tokenize(entry.name, prompt)
+    timeout_s = _timeout(request)
+    rid = new_id("chatcmpl")
+    created = int(time.time())
+
+    if not req.stream:
+        choices, usage = await fe.generate(entry.name, prompt_ids, sampling, request_id=rid, timeout_s=timeout_s)
+        return {"id": rid, "object": "chat.completion", "created": created, "model": entry.name,
+                "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                             "logprobs": _chat_logprobs(c.logprobs) if c.logprobs is not None else None,
+                             "finish_reason": c.finish_reason} for c in choices],
+                "usage": _usage(usage)}
+
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    source = await _prime(fe.generate_stream(entry.name, prompt_ids, sampling, request_id=rid, timeout_s=timeout_s))
+
+    def chunk(choices: list, usage: dict | None = None) -> str:
+        body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": entry.name,
+                "choices": choices}
+        if usage is not None:
+            body["usage"] = usage
+        return _sse(body)
+
+    async def chunks():
+        started: set[int] = set()
+        async for item in source:
+            if isinstance(item, Usage):
+                if include_usage:
+                    yield chunk([], _usage(item))
+                continue
+            delta: dict[str, Any] = {"content": item.text}
+            if item.index not in started:
+                started.add(item.index)
+                delta["role"] = "assistant"
+            yield chunk([{"index": item.index, "delta": delta, "finish_reason": item.finish_reason,
+                          "logprobs": _chat_logprobs(item.logprobs) if item.logprobs is not None else None}])
+
+    return StreamingResponse(_sse_stream(chunks()), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+
+@app.post("/v1/classify")
+async def classify(req: ClassifyRequest):
+    fe = _frontend()
+    entry = fe.resolve(req.model, "classify")
+    data, usage = await fe.classify(entry.name, normalize_inputs(req.input, "input", fe.limits))
+    return {"id": new_id("classify"), "object": "list", "created": int(time.time()), "model": entry.name,
+            "data": data, "usage": _usage(usage)}
+
+
+@app.post("/v1/classify/tokens")
+async def classify_tokens(req: TokenClassifyRequest):
+    fe = _frontend()
+    entry = fe.resolve(req.model, "classify_tokens")
+    tokens, entities = await fe.classify_tokens(entry.name, req.input, req.aggregation)
+    return {"id": new_id("tokcls"), "object": "token_classification", "created": int(time.time()),
+            "model": entry.name, "tokens": tokens, "entities": entities,
+            "usage": {"prompt_tokens": len(tokens), "completion_tokens": 0, "total_tokens": len(tokens)}}
+
+
+@app.post("/v1/answer")
+async def answer(req: AnswerRequest):
+    fe = _frontend()
+    entry = fe.resolve(req.model, "answer")
+    return await fe.answer(entry.name, req.question, req.context)
+
+
+@app.post("/v1/embeddings")
+async def embeddings(req: EmbeddingRequest):
+    fe = _frontend()
+    entry = fe.resolve(req.model, "embed")
+    vectors, usage = await fe.embed(entry.name, normalize_inputs(req.input, "input", fe.limits),
+                                    pooling=req.pooling, normalize=req.normalize)
+    return {"id": new_id("embd"), "object": "list", "created": int(time.time()), "model": entry.name,
+            "data": [{"index": i, "object": "embedding", "embedding": encode_embedding(v, req.encoding_format)}
+                     for i, v in enumerate(vectors)],
+            "usage": {"prompt_tokens": usage.prompt_tokens, "total_tokens": usage.total_tokens}}
+
+
+@app.post("/tokenize")
+async def tokenize(req: TokenizeRequest):
+    fe = _frontend()
+    entry = fe.resolve(req.model)
+    tokens = fe.tokenize(entry.name, req.prompt, add_special_tokens=req.add_special_tokens)
+    return {"tokens": tokens, "count": len(tokens), "max_model_len": entry.max_model_len}
+
+
+@app.post("/detokenize")
+async def detokenize(req: DetokenizeRequest):
+    fe = _frontend()
+    entry = fe.resolve(req.model)
+    return {"prompt": fe.detokenize(entry.name, req.tokens)}

@@ -1,0 +1,310 @@
+"""The Router deployment: one replica = one Engine (+ one executor, in process or a TP worker group).
+
+Serve options (replicas, placement group, user_config) are applied in deployments/app.py; this is a
+plain class so it can also be driven directly in tests. Methods, called through Serve handles:
+
+- `generate(request_id, prompt_token_ids, params)`: async generator (call with
+  `handle.options(stream=True)`) of one plain dict per engine output:
+  `{index, token_ids, logprobs, finish_reason, num_prompt_tokens, num_output_tokens}`.
+  Cancelling the call (client disconnect, deadline) aborts the request in the engine, which frees
+  its KV blocks at once.
+- `abort(request_id, index=None)`: stop a request, or one choice of it (stop strings are matched in
+  the ingress, which then aborts the choice here).
+- `pooled(task, token_ids, pooling, normalize)`: the one-shot heads. Concurrent calls of the same
+  kind are micro-batched into one padded forward: the first waits at most `pooled_batch_wait_ms`
+  for company, and a batch holds at most `pooled_max_batch_size` inputs.
+- `info()`, `stats()`, `reconfigure(user_config)` (live knobs), `check_health()` (Serve's probe).
+
+Engine errors leave here as the ServeError subclasses of deployments/errors.py, so the ingress can
+hand them to the client unchanged (Serve re-raises a replica's exception at the caller as a
+RayTaskError that is also an instance of the original class).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import time
+from typing import Any, AsyncIterator
+
+from deployments.errors import (
+    ContextLengthExceededError,
+    InvalidRequestError,
+    QueueFullError,
+    ServeError,
+    UnavailableError,
+)
+
+logger = logging.getLogger("ray.serve")
+
+# Knobs `reconfigure` accepts (serve_config.yaml `user_config`).
+USER_CONFIG_KEYS = ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "pooled_batch_wait_ms",
+                    "pooled_max_batch_size")
+
+# Which pooled tasks each architecture can run. Every architecture has the decoder, so all embed.
+TASKS_BY_ARCHITECTURE = {
+    "Qwen2ForCausalLM": ("generate", "embed"),
+    "Qwen2ForSequenceClassification": ("classify", "embed"),
+    "Qwen2ForTokenClassification": ("classify_tokens", "embed"),
+    "Qwen2ForQuestionAnswering": ("answer", "embed"),
+    "Qwen2Model": ("embed",),
+}
+
+
+def map_engine_error(exc: BaseException) -> BaseException:
+    """Engine exceptions -> the client-facing error contract; anything else passes through."""
+    from qwen2_model.engine.engine import EngineDead, EngineError, QueueFull
+
+    if isinstance(exc, ServeError):
+        return exc
+    if isinstance(exc, EngineError):
+        cls = ContextLengthExceededError if exc.code == "context_length_exceeded" else InvalidRequestError
+        return cls(str(exc), param=exc.param)
+    if isinstance(exc, QueueFull):
+        return QueueFullError(f"The server is busy ({exc}); retry later", retry_after=1.0)
+    if isinstance(exc, EngineDead):
+        return UnavailableError(f"The model's workers are not available: {exc}")
+    return exc
+
+
+def token_logprob_to_dict(lp) -> dict | None:
+    if lp is None:
+        return None
+    return {"token_id": int(lp.token_id), "logprob": float(lp.logprob),
+            "top": [[int(t), float(v)] for t, v in (lp.top or [])]}
+
+
+@dataclasses.dataclass
+class _PooledItem:
+    key: tuple  # (task, pooling, normalize): only equal keys share a forward
+    token_ids: list[list[int]]
+    future: asyncio.Future
+
+
+class Router:
+    def __init__(self, model_name: str, model_path: str, tp: int = 1, dtype: str | None = None,
+                 device: str | None = None, kv_cache_memory: int = 256 << 20, block_size: int = 16,
+                 engine: dict | None = None, pooled_batch_wait_ms: float = 5.0, pooled_max_batch_size: int = 32,
+                 torch_threads: int | None = None):
+        from deployments.app import resolve_model_path
+        from qwen2_model.engine.engine import AsyncEngine, Engine, EngineConfig
+
+        if torch_threads:
+            import torch
+            torch.set_num_threads(int(torch_threads))
+        self.model_name = model_name
+        self.model_path = str(resolve_model_path(model_path))
+        device = device or _default_device()
+        if tp > 1:
+            try:
+                from deployments.workers import RayExecutor
+            except ImportError as exc:
+                raise RuntimeError(f"model {model_name!r}: tp={tp} needs deployments.workers.RayExecutor, which "
+                                   f"is not available ({exc}); use tp=1") from exc
+            executor = RayExecutor(self.model_path, tp=tp, dtype=dtype, device=device,
+                                   kv_cache_memory=kv_cache_memory, block_size=block_size)
+        else:
+            from qwen2_model.engine.executor import LocalExecutor
+            executor = LocalExecutor(self.model_path, dtype=dtype, device=device,
+                                     kv_cache_memory=kv_cache_memory, block_size=block_size)
+        known = {f.name for f in dataclasses.fields(EngineConfig)}
+        unknown = set(engine or {}) - known
+        if unknown:
+            raise ValueError(f"model {model_name!r}: unknown engine options {sorted(unknown)}; known: {sorted(known)}")
+        self.engine = Engine(executor, EngineConfig(**(engine or {})))
+        self.async_engine = AsyncEngine(self.engine)
+        self.tp = tp
+        self.pooled_batch_wait_ms = float(pooled_batch_wait_ms)
+        self.pooled_max_batch_size = int(pooled_max_batch_size)
+        self._pooled_queue: asyncio.Queue | None = None
+        self._pooled_task: asyncio.Task | None = None
+        self.pooled_batches = 0  # forwards run for pooled requests (tests check batching with it)
+        self.pooled_max_batch = 0
+        logger.info("router %s: %s from %s, tp=%d, %d KV blocks", model_name, executor.architecture,
+                    self.model_path, tp, self.engine.blocks.num_blocks)
+
+    # --- generation ----------------------------------------------------------------------------
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: dict) -> AsyncIterator[dict]:
+        from qwen2_model.engine.sampling import SamplingParams
+
+        self._check_alive()
+        try:
+            sampling = SamplingParams(**params)
+        except TypeError as exc:
+            raise InvalidRequestError(f"bad sampling parameters: {exc}") from exc
+        stream = self.async_engine.generate(request_id, list(prompt_token_ids), sampling)
+        try:
+            async for out in stream:
+                yield {
+                    "index": out.index,
+                    "token_ids": list(out.new_token_ids),
+                    "logprobs": None if sampling.logprobs is None
+                    else [token_logprob_to_dict(lp) for lp in out.new_logprobs],
+                    "finish_reason": out.finish_reason,
+                    "num_prompt_tokens": out.num_prompt_tokens,
+                    "num_output_tokens": out.num_output_tokens,
+                }
+        except Exception as exc:
+            raise map_engine_error(exc) from None
+        finally:
+            # On cancellation (GeneratorExit / CancelledError) close the engine stream now: its
+            # `finally` aborts the request and frees the blocks.
+            await stream.aclose()
+
+    def abort(self, request_id: str, index: int | None = None) -> None:
+        self.async_engine.abort(request_id, index)
+
+    # --- pooled heads --------------------------------------------------------------------------
+
+    async def pooled(self, task: str, token_ids: list[list[int]], pooling: str = "last",
+                     normalize: bool = True) -> list:
+        self._check_alive()
+        allowed = TASKS_BY_ARCHITECTURE.get(self.engine.executor.architecture, ())
+        if task not in allowed or task == "generate":
+            raise InvalidRequestError(f"model {self.model_name!r} ({self.engine.executor.architecture}) cannot "
+                                      f"run task {task!r}", param="model")
+        if not token_ids:
+            return []
+        if self._pooled_task is None or self._pooled_task.done():
+            self._pooled_queue = asyncio.Queue()
+            self._pooled_task = asyncio.get_running_loop().create_task(self._pooled_loop())
+        future = asyncio.get_running_loop().create_future()
+        self._pooled_queue.put_nowait(_PooledItem((task, pooling, bool(normalize)), [list(t) for t in token_ids],
+                                                  future))
+        return await future
+
+    async def _pooled_loop(self) -> None:
+        from qwen2_model.engine.model_runner import PooledInput
+
+        held: list[_PooledItem] = []  # taken from the queue but of another kind than the batch
+        while True:
+            first = held.pop(0) if held else await self._pooled_queue.get()
+            batch, size = [first], len(first.token_ids)
+            deadline = time.monotonic() + self.pooled_batch_wait_ms / 1000.0
+            # Same-kind items already held join first.
+            for item in list(held):
+                if item.key == first.key and size + len(item.token_ids) <= self.pooled_max_batch_size:
+                    held.remove(item)
+                    batch.append(item)
+                    size += len(item.token_ids)
+            while size < self.pooled_max_batch_size:
+                timeout = deadline - time.monotonic()
+                if timeout <= 0:
+                    break
+                try:
+                    item = await asyncio.wait_for(self._pooled_queue.get(), timeout)
+                except asyncio.TimeoutError:
+                    break
+                if item.key == first.key and size + len(item.token_ids) <= self.pooled_max_batch_size:
+                    batch.append(item)
+                    size += len(item.token_ids)
+                else:
+                    held.append(item)
+            batch = [b for b in batch if not b.future.done()]  # callers that gave up
+            if not batch:
+                continue
+            task, pooling, normalize = first.key
+            ids = [row for item in batch for row in item.token_ids]
+            try:
+                results = await self.async_engine.run_pooled(PooledInput(task, ids, pooling, normalize))
+            except Exception as exc:
+                err = map_engine_error(exc)
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(err)
+                continue
+            self.pooled_batches += 1
+            self.pooled_max_batch = max(self.pooled_max_batch, len(ids))
+            pos = 0
+            for item in batch:
+                n = len(item.token_ids)
+                if not item.future.done():
+                    item.future.set_result(results[pos:pos + n])
+                pos += n
+
+    # --- control -------------------------------------------------------------------------------
+
+    def info(self) -> dict:
+        cfg = self.engine.executor.config
+        return {
+            "name": self.model_name,
+            "path": self.model_path,
+            "architecture": self.engine.executor.architecture,
+            "max_model_len": self.engine.max_model_len,
+            "num_kv_blocks": self.engine.blocks.num_blocks,
+            "block_size": self.engine.blocks.block_size,
+            "eos_token_ids": list(self.engine.eos_token_ids),
+            "tp": self.tp,
+            "id2label": {int(k): v for k, v in (getattr(cfg, "id2label", None) or {}).items()},
+            "config": self.current_config(),
+        }
+
+    def current_config(self) -> dict:
+        return {
+            "max_num_seqs": self.engine.scheduler.config.max_num_seqs,
+            "max_num_batched_tokens": self.engine.scheduler.config.max_num_batched_tokens,
+            "max_waiting": self.engine.config.max_waiting,
+            "pooled_batch_wait_ms": self.pooled_batch_wait_ms,
+            "pooled_max_batch_size": self.pooled_max_batch_size,
+        }
+
+    def stats(self) -> dict:
+        out = dataclasses.asdict(self.async_engine.stats())
+        out["pooled_batches"] = self.pooled_batches
+        out["pooled_max_batch"] = self.pooled_max_batch
+        out["pid"] = os.getpid()
+        return out
+
+    def reconfigure(self, user_config: dict) -> None:
+        user_config = dict(user_config or {})
+        unknown = set(user_config) - set(USER_CONFIG_KEYS)
+        if unknown:
+            raise ValueError(f"unknown user_config keys {sorted(unknown)}; known: {list(USER_CONFIG_KEYS)}")
+        # Under the engine lock, so a step never sees half a change.
+        with self.async_engine._lock:
+            if "max_num_seqs" in user_config:
+                v = int(user_config["max_num_seqs"])
+                if v < 1:
+                    raise ValueError(f"max_num_seqs must be >= 1, got {v}")
+                self.engine.scheduler.config.max_num_seqs = self.engine.config.max_num_seqs = v
+            if "max_num_batched_tokens" in user_config:
+                v = int(user_config["max_num_batched_tokens"])
+                if v < 1:
+                    raise ValueError(f"max_num_batched_tokens must be >= 1, got {v}")
+                self.engine.scheduler.config.max_num_batched_tokens = self.engine.config.max_num_batched_tokens = v
+            if "max_waiting" in user_config:
+                v = int(user_config["max_waiting"])
+                if v < 0:
+                    raise ValueError(f"max_waiting must be >= 0, got {v}")
+                self.engine.config.max_waiting = v
+        if "pooled_batch_wait_ms" in user_config:
+            self.pooled_batch_wait_ms = max(0.0, float(user_config["pooled_batch_wait_ms"]))
+        if "pooled_max_batch_size" in user_config:
+            self.pooled_max_batch_size = max(1, int(user_config["pooled_max_batch_size"]))
+        logger.info("router %s reconfigured: %s", self.model_name, self.current_config())
+
+    def check_health(self) -> None:
+        self._check_alive()
+
+    def _check_alive(self) -> None:
+        if self.async_engine.error is not None:
+            raise UnavailableError(f"model {self.model_name!r}: engine failed: {self.async_engine.error}")
+        if not self.async_engine._thread.is_alive():
+            raise UnavailableError(f"model {self.model_name!r}: engine step loop is not running")
+
+    def __del__(self):
+        try:
+            self.async_engine.shutdown()
+        except Exception:
+            pass
+
+
+def _default_device() -> str:
+    try:
+        import torch
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except Exception:
+        return "cpu"
