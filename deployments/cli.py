@@ -1,0 +1,229 @@
+"""`qwen2-serve`: the command line.
+
+    qwen2-serve demo                       # tiny random demo models, local Ray, HTTP :8000 + gRPC :9000
+    qwen2-serve run --model PATH [...]     # serve checkpoints (repeat --model for several)
+    qwen2-serve client ...                 # gRPC client (deployments/client_cli.py), when installed
+
+`demo` and `run` start a local Ray (or join one with --address), run the application of
+deployments/app.py, print how to call it, and block until Ctrl-C; then Serve and Ray shut down.
+Prometheus metrics are exported by Ray on --metrics-port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import sys
+import threading
+from pathlib import Path
+
+GRPC_SERVICERS = ["protos.qwen2_serve.v1.qwen2_serve_pb2_grpc.add_Qwen2ServeServicer_to_server"]
+APP_NAME = "qwen2"
+DEMO_MODELS = [
+    ("qwen2-demo", "demo:causal_lm"),
+    ("qwen2-demo-classifier", "demo:sequence_classification"),
+    ("qwen2-demo-ner", "demo:token_classification"),
+    ("qwen2-demo-qa", "demo:question_answering"),
+]
+
+
+def _add_server_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default: %(default)s; 0.0.0.0 to expose)")
+    g.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
+    g.add_argument("--grpc-port", type=int, default=9000, help="gRPC port (default: %(default)s)")
+    g.add_argument("--api-key", default=os.environ.get("QWEN2_SERVE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every route but /health and /ready "
+                        "(default: $QWEN2_SERVE_API_KEY, or no key)")
+    g.add_argument("--metrics-port", type=int, default=8080,
+                   help="port of Ray's Prometheus metrics endpoint (default: %(default)s)")
+    g.add_argument("--address", default=None,
+                   help="join a running Ray cluster (e.g. 'auto') instead of starting a local one")
+    g.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray (default: all)")
+    g.add_argument("--max-body-bytes", type=int, default=None, help="request body cap in bytes (default: 1 MiB)")
+    g.add_argument("--request-timeout", type=float, default=600.0,
+                   help="seconds before a request fails with 408 (default: %(default)s)")
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (applied to every --model)")
+    g.add_argument("--tp", type=int, default=1, help="tensor-parallel degree per replica (default: %(default)s)")
+    g.add_argument("--replicas", type=int, default=1, help="Router replicas per model (data parallel; default: %(default)s)")
+    g.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="weights dtype (default: the checkpoint's torch_dtype)")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda when present, else cpu)")
+    g.add_argument("--kv-cache-memory", type=int, default=256 << 20,
+                   help="KV cache bytes per replica (default: %(default)s)")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: %(default)s)")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="context length (default: the model's max_position_embeddings)")
+    g.add_argument("--max-num-seqs", type=int, default=64, help="sequences per engine step (default: %(default)s)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=512,
+                   help="tokens per engine step, prefill chunks included (default: %(default)s)")
+    g.add_argument("--max-waiting", type=int, default=1024,
+                   help="queued requests per replica before 429 (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qwen2-serve", description="Serve the Qwen2 family on Ray Serve "
+                                     "(OpenAI-compatible HTTP + gRPC).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    demo = sub.add_parser("demo", help="serve tiny random demo models locally (no download)",
+                          description="Write the demo checkpoints if absent (a causal LM 'qwen2-demo' and small "
+                                      "classifier, NER and QA models), start local Ray + Serve, print a curl line "
+                                      "and a gRPC call, and block until Ctrl-C.")
+    _add_server_options(demo)
+    demo.set_defaults(func=cmd_demo)
+
+    run = sub.add_parser("run", help="serve one or more checkpoints",
+                         description="Serve Hugging Face Qwen2 checkpoints (directories with config.json and "
+                                     "safetensors), or demo:<head>. Repeat --model for several models.")
+    run.add_argument("--model", action="append", required=True, metavar="PATH",
+                     help="checkpoint directory or demo:<head> (repeatable)")
+    run.add_argument("--name", action="append", default=[], metavar="NAME",
+                     help="served model name, one per --model in order (default: the directory name)")
+    _add_model_options(run)
+    _add_server_options(run)
+    run.set_defaults(func=cmd_run)
+
+    try:
+        from deployments.client_cli import add_client_commands
+    except ImportError:
+        pass
+    else:
+        add_client_commands(sub)
+    return parser
+
+
+def _engine_options(args) -> dict:
+    engine = {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
+              "max_waiting": args.max_waiting}
+    if args.max_model_len:
+        engine["max_model_len"] = args.max_model_len
+    return engine
+
+
+def _default_name(path: str) -> str:
+    if path.startswith("demo:"):
+        head = path.split(":", 1)[1]
+        return "qwen2-demo" if head == "causal_lm" else f"qwen2-demo-{head}"
+    return Path(path).expanduser().resolve().name
+
+
+def app_args_for_run(args) -> dict:
+    if args.name and len(args.name) != len(args.model):
+        raise SystemExit(f"qwen2-serve run: give one --name per --model ({len(args.model)} models, "
+                         f"{len(args.name)} names)")
+    names = args.name or [_default_name(p) for p in args.model]
+    models = []
+    for name, path in zip(names, args.model):
+        models.append({"name": name, "path": path, "tp": args.tp, "dtype": args.dtype, "device": args.device,
+                       "kv_cache_memory": args.kv_cache_memory, "block_size": args.block_size,
+                       "engine": _engine_options(args), "num_replicas": args.replicas})
+    return _with_server_args({"models": models}, args)
+
+
+def app_args_for_demo(args) -> dict:
+    models = [{"name": name, "path": path, "engine": {"max_model_len": 2048}} for name, path in DEMO_MODELS]
+    return _with_server_args({"models": models}, args)
+
+
+def _with_server_args(app_args: dict, args) -> dict:
+    if args.api_key:
+        app_args["api_key"] = args.api_key
+    if args.max_body_bytes:
+        app_args["max_body_bytes"] = args.max_body_bytes
+    app_args["request_timeout_s"] = args.request_timeout
+    return app_args
+
+
+def curl_line(args, model: str = "qwen2-demo") -> str:
+    body = json.dumps({"model": model, "prompt": "Hello, my name is", "max_tokens": 16})
+    auth = f" -H {shlex.quote('Authorization: Bearer ' + args.api_key)}" if args.api_key else ""
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    return (f"curl -s http://{host}:{args.port}/v1/completions -H 'Content-Type: application/json'{auth} "
+            f"-d {shlex.quote(body)}")
+
+
+def grpc_line(args, model: str = "qwen2-demo") -> str:
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    key = f" --api-key {shlex.quote(args.api_key)}" if args.api_key else ""
+    return f"qwen2-serve client generate --target {host}:{args.grpc_port} --model {model}{key} --prompt 'Hello, my name is'"
+
+
+def serve_and_block(app_args: dict, args, banner) -> int:
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+
+    # Demo checkpoints are written (or found) here, before Ray starts, so errors read plainly.
+    app = build_app(app_args)
+    init_kwargs = {"_metrics_export_port": args.metrics_port, "include_dashboard": False}
+    if args.address:
+        init_kwargs = {"address": args.address}
+    elif args.num_cpus:
+        init_kwargs["num_cpus"] = args.num_cpus
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    ray.init(**init_kwargs)
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port},
+                    grpc_options={"port": args.grpc_port, "grpc_servicer_functions": GRPC_SERVICERS})
+        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+        banner()
+        print(f"Prometheus metrics: http://127.0.0.1:{args.metrics_port}/metrics", flush=True)
+        print("Press Ctrl-C to stop.", flush=True)
+        while not stop.wait(0.5):
+            pass
+        print("Shutting down...", flush=True)
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+    print("Stopped.", flush=True)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    app_args = app_args_for_demo(args)
+
+    def banner():
+        print(f"qwen2-serve demo is up: HTTP http://{args.host}:{args.port}  gRPC {args.host}:{args.grpc_port}",
+              flush=True)
+        print("Models: " + ", ".join(name for name, _ in DEMO_MODELS) + " (tiny random weights: the text is noise)")
+        print("Try:")
+        print(f"  {curl_line(args)}")
+        print(f"  {grpc_line(args)}", flush=True)
+
+    return serve_and_block(app_args, args, banner)
+
+
+def cmd_run(args) -> int:
+    app_args = app_args_for_run(args)
+    first = app_args["models"][0]["name"]
+
+    def banner():
+        print(f"qwen2-serve is up: HTTP http://{args.host}:{args.port}  gRPC {args.host}:{args.grpc_port}", flush=True)
+        print("Models: " + ", ".join(m["name"] for m in app_args["models"]))
+        print("Try:")
+        print(f"  {curl_line(args, first)}", flush=True)
+
+    return serve_and_block(app_args, args, banner)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return args.func(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
