@@ -28,14 +28,14 @@ them without Ray.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
 
 from deployments.errors import (
-    BodyTooLargeError,
     InternalError,
     InvalidRequestError,
     QueueFullError,
@@ -327,6 +327,18 @@ def list_models_response(models: Iterable[Any]) -> pb.ListModelsResponse:
     ])
 
 
+@contextlib.contextmanager
+def renamed_params(names: Mapping[str, str]) -> Iterator[None]:
+    """Re-raise an InvalidRequestError whose `param` is an HTTP field name under the proto's name."""
+    try:
+        yield
+    except InvalidRequestError as e:
+        new = names.get(e.param or "")
+        if new is None:
+            raise
+        raise InvalidRequestError(e.message.replace(f"'{e.param}'", f"'{new}'"), param=new) from None
+
+
 def entry_name(entry: Any, fallback: str | None = None) -> str:
     """The served id of a frontend ModelEntry."""
     for attr in ("name", "id", "model_id", "served_name"):
@@ -454,7 +466,7 @@ class GrpcIngressMixin:
         async def call() -> pb.ClassifyTokensResponse:
             text = required_text(request.input, "input")
             aggregation = choose(request.aggregation, AGGREGATIONS, "aggregation")
-            model = self._resolve_name(request.model, "token_classify")
+            model = self._resolve_name(request.model, "classify_tokens")
             tokens, entities = await self.frontend.classify_tokens(model, text, aggregation=aggregation)
             return classify_tokens_response(tokens, entities)
 
@@ -498,7 +510,8 @@ class GrpcIngressMixin:
     async def Detokenize(self, request: pb.DetokenizeRequest, grpc_context: Any = None) -> pb.DetokenizeResponse:
         async def call() -> pb.DetokenizeResponse:
             model = self._resolve_name(request.model)
-            return pb.DetokenizeResponse(text=self.frontend.detokenize(model, list(request.token_ids)))
+            with renamed_params({"tokens": "token_ids"}):  # HTTP's field name -> the proto's
+                return pb.DetokenizeResponse(text=self.frontend.detokenize(model, list(request.token_ids)))
 
         return await self._grpc_unary(request, grpc_context, pb.DetokenizeResponse(), call)
 

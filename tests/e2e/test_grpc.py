@@ -1,0 +1,417 @@
+"""The gRPC API end to end: the real app (deployments.app.build_app) on local Ray Serve, Serve's own
+gRPC proxy, and real clients (the generated stub, deployments.client, deployments.client_cli).
+
+- every Qwen2Serve RPC through the generated stub, GenerateStream included, and grpc.health.v1 Check;
+- greedy text over gRPC == HTTP /v1/completions == the engine run directly on the same checkpoint;
+- the error contract over gRPC: INVALID_ARGUMENT naming the field (unary and stream), context
+  length, NOT_FOUND model, UNAUTHENTICATED, RESOURCE_EXHAUSTED (queue full, message too large);
+- cancelling a GenerateStream frees the router's KV blocks (router stats via a Serve handle);
+- the typed client and the `client` CLI commands.
+
+One application with an API key and four models: `tiny` (causal LM), `busy` (causal LM whose
+engine refuses every request: max_waiting=0, so queue-full is reachable), `cls` (sequence
+classification), `tok` (token classification), `qa` (question answering). Embeddings use `tiny`.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import grpc
+import httpx
+import pytest
+
+ray = pytest.importorskip("ray")
+from ray import serve  # noqa: E402
+from ray.serve.config import gRPCOptions, HTTPOptions  # noqa: E402
+
+from deployments import client_cli  # noqa: E402
+from deployments.client import ClientError, Qwen2ServeClient  # noqa: E402
+from protos.qwen2_serve.v1 import qwen2_serve_pb2 as pb  # noqa: E402
+from protos.qwen2_serve.v1 import qwen2_serve_pb2_grpc as pb_grpc  # noqa: E402
+
+API_KEY = "sk-grpc-test"
+APP_NAME = "qwen2-grpc-test"
+MAX_MODEL_LEN = 4096
+MAX_BODY = 64 << 10
+SERVICER_FUNCTIONS = [
+    "protos.qwen2_serve.v1.qwen2_serve_pb2_grpc.add_Qwen2ServeServicer_to_server",
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+]
+PROMPT = "The quick brown fox"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class App:
+    """What the tests need of the running app."""
+
+    def __init__(self, grpc_target: str, http_url: str, paths: dict[str, str]):
+        self.grpc_target = grpc_target
+        self.http_url = http_url
+        self.paths = paths
+        self.channel = grpc.insecure_channel(grpc_target)
+        self.stub = pb_grpc.Qwen2ServeStub(self.channel)
+        self.md = (("authorization", f"Bearer {API_KEY}"),)
+
+    def router_stats(self, model: str = "tiny") -> dict:
+        return serve.get_deployment_handle(f"router-{model}", APP_NAME).stats.remote().result(timeout_s=30)
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    from deployments.app import build_app
+    from qwen2_model.testing import write_random_checkpoint
+
+    root = tmp_path_factory.mktemp("grpc-ckpts")
+    heads = {"tiny": "causal_lm", "cls": "sequence_classification", "tok": "token_classification",
+             "qa": "question_answering"}
+    paths = {name: str(write_random_checkpoint(root / name, preset="tiny", head=head)) for name, head in heads.items()}
+    paths["busy"] = paths["tiny"]
+    grpc_port, http_port = _free_port(), _free_port()
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options=HTTPOptions(host="127.0.0.1", port=http_port),
+                    grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=SERVICER_FUNCTIONS))
+        models = [
+            {"name": "tiny", "path": paths["tiny"], "engine": {"max_model_len": MAX_MODEL_LEN}, "torch_threads": 1},
+            {"name": "busy", "path": paths["busy"], "engine": {"max_model_len": 256, "max_waiting": 0},
+             "kv_cache_memory": 8 << 20, "torch_threads": 1},
+            {"name": "cls", "path": paths["cls"], "torch_threads": 1},
+            {"name": "tok", "path": paths["tok"], "torch_threads": 1},
+            {"name": "qa", "path": paths["qa"], "torch_threads": 1},
+        ]
+        serve.run(build_app({"models": models, "api_key": API_KEY, "max_body_bytes": MAX_BODY}),
+                  name=APP_NAME, route_prefix="/")
+        a = App(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}", paths)
+        yield a
+        a.channel.close()
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+def rpc_error(call, *args, **kwargs) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as e:
+        result = call(*args, **kwargs)
+        if hasattr(result, "__iter__") and not isinstance(result, (bytes, str)):
+            list(result)  # a stream raises while iterating
+    return e.value
+
+
+def greedy(prompt=PROMPT, max_tokens=12, **kw) -> pb.GenerateRequest:
+    return pb.GenerateRequest(prompt=prompt, max_tokens=max_tokens, temperature=0, ignore_eos=True, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every RPC
+
+
+def test_list_models_and_health(app):
+    models = app.stub.ListModels(pb.ListModelsRequest(), metadata=app.md)
+    cards = {m.id: m for m in models.models}
+    assert set(cards) == {"tiny", "busy", "cls", "tok", "qa"}
+    assert cards["tiny"].task == "generate" and cards["tiny"].max_model_len == MAX_MODEL_LEN
+    assert cards["cls"].task == "classify" and cards["qa"].task == "answer"
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    health = health_pb2_grpc.HealthStub(app.channel)
+    assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+    assert health.Check(health_pb2.HealthCheckRequest(service="qwen2_serve.v1.Qwen2Serve")).status == \
+        health_pb2.HealthCheckResponse.SERVING
+    assert rpc_error(health.Check, health_pb2.HealthCheckRequest(service="nope")).code() == grpc.StatusCode.NOT_FOUND
+    # Serve's own health endpoint works too.
+    from ray.serve.generated import serve_pb2, serve_pb2_grpc
+
+    assert serve_pb2_grpc.RayServeAPIServiceStub(app.channel).Healthz(serve_pb2.HealthzRequest()).message == "success"
+
+
+def test_generate_greedy_matches_http_and_engine(app):
+    resp = app.stub.Generate(greedy(), metadata=app.md)
+    [choice] = resp.choices
+    assert resp.model == "tiny" and resp.id.startswith("cmpl-")
+    assert choice.finish_reason == "length" and len(choice.token_ids) == 12
+    assert resp.usage.completion_tokens == 12 and resp.usage.total_tokens == resp.usage.prompt_tokens + 12
+
+    http = httpx.post(f"{app.http_url}/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60,
+                      json={"model": "tiny", "prompt": PROMPT, "max_tokens": 12, "temperature": 0, "ignore_eos": True})
+    assert http.status_code == 200, http.text
+    assert http.json()["choices"][0]["text"] == choice.text
+    assert http.json()["usage"]["prompt_tokens"] == resp.usage.prompt_tokens
+
+    # The engine itself, in this process, on the same checkpoint.
+    from qwen2_model.engine.engine import Engine, EngineConfig
+    from qwen2_model.engine.executor import LocalExecutor
+    from qwen2_model.engine.sampling import SamplingParams
+    from qwen2_model.tokenizer import Qwen2Tokenizer
+
+    tokenizer = Qwen2Tokenizer.from_pretrained(app.paths["tiny"])
+    ids = tokenizer.encode(PROMPT)
+    engine = Engine(LocalExecutor(app.paths["tiny"], kv_cache_memory=8 << 20), EngineConfig(max_model_len=MAX_MODEL_LEN))
+    [out] = engine.generate_all({"r": ids}, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))["r"]
+    assert list(choice.token_ids) == out
+    assert choice.text == tokenizer.decode(out)
+
+    # Token ids in give the same answer as text in.
+    by_ids = app.stub.Generate(pb.GenerateRequest(prompt_token_ids=ids, max_tokens=12, temperature=0, ignore_eos=True),
+                               metadata=app.md)
+    assert by_ids.choices[0].token_ids == choice.token_ids
+
+
+def test_generate_stream(app):
+    unary = app.stub.Generate(greedy(max_tokens=10), metadata=app.md).choices[0]
+    msgs = list(app.stub.GenerateStream(greedy(max_tokens=10), metadata=app.md))
+    assert len(msgs) >= 2 and len({m.id for m in msgs}) == 1
+    assert "".join(m.text for m in msgs) == unary.text
+    assert [t for m in msgs for t in m.token_ids] == list(unary.token_ids)
+    assert [m.HasField("usage") for m in msgs] == [False] * (len(msgs) - 1) + [True]
+    assert msgs[-1].finish_reason == "length" and all(not m.finish_reason for m in msgs[:-1])
+    assert msgs[-1].usage.completion_tokens == 10
+
+    # n=2 with logprobs: each choice ends with its finish_reason, one logprob entry per token.
+    msgs = list(app.stub.GenerateStream(pb.GenerateRequest(prompt=PROMPT, max_tokens=5, n=2, seed=7, logprobs=2),
+                                        metadata=app.md))
+    for index in (0, 1):
+        mine = [m for m in msgs if m.index == index]
+        assert mine[-1].finish_reason in ("length", "stop")
+        assert sum(len(m.token_ids) for m in mine) == sum(len(m.logprobs) for m in mine)
+        assert all(len(lp.top_logprobs) == 2 for m in mine for lp in m.logprobs)
+    assert msgs[-1].usage.total_tokens > 0
+
+
+def test_generate_chat_messages_match_http(app):
+    messages = [pb.ChatMessage(role="system", content="Be brief."), pb.ChatMessage(role="user", content="Hello")]
+    resp = app.stub.Generate(pb.GenerateRequest(messages=messages, max_tokens=8, temperature=0, ignore_eos=True),
+                             metadata=app.md)
+    http = httpx.post(f"{app.http_url}/v1/chat/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                      timeout=60, json={"model": "tiny", "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+                                        "messages": [{"role": m.role, "content": m.content} for m in messages]})
+    assert http.status_code == 200, http.text
+    assert http.json()["choices"][0]["message"]["content"] == resp.choices[0].text
+    assert http.json()["usage"]["prompt_tokens"] == resp.usage.prompt_tokens
+
+
+def test_classify_tokens_answer_embed_tokenize(app):
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    cls = app.stub.Classify(pb.ClassifyRequest(model="cls", input=["good film", "bad film"]), metadata=app.md)
+    http = httpx.post(f"{app.http_url}/v1/classify", headers=auth, json={"model": "cls", "input": ["good film", "bad film"]})
+    assert [r.label for r in cls.results] == [d["label"] for d in http.json()["data"]]
+    assert [r.index for r in cls.results] == [0, 1] and cls.results[0].num_classes == len(cls.results[0].probs)
+    assert cls.results[0].probs == pytest.approx(http.json()["data"][0]["probs"], abs=1e-6)
+    assert cls.usage.prompt_tokens > 0
+
+    text = "Ada Lovelace lived in London"
+    tok = app.stub.ClassifyTokens(pb.ClassifyTokensRequest(model="tok", input=text, aggregation="simple"),
+                                  metadata=app.md)
+    assert tok.tokens and all(text[t.start:t.end] == t.token for t in tok.tokens)
+    http = httpx.post(f"{app.http_url}/v1/classify/tokens", headers=auth,
+                      json={"model": "tok", "input": text, "aggregation": "simple"}).json()
+    assert [t.label for t in tok.tokens] == [t["label"] for t in http["tokens"]]
+    assert len(tok.entities) == len(http["entities"])
+
+    context = "Ada Lovelace wrote the first program in 1843."
+    ans = app.stub.AnswerQuestion(pb.AnswerQuestionRequest(model="qa", question="Who wrote it?", context=context),
+                                  metadata=app.md)
+    assert ans.answer == context[ans.start:ans.end] and ans.end > ans.start
+    http = httpx.post(f"{app.http_url}/v1/answer", headers=auth,
+                      json={"model": "qa", "question": "Who wrote it?", "context": context}).json()
+    assert (ans.answer, ans.start, ans.end) == (http["answer"], http["start"], http["end"])
+
+    emb = app.stub.Embed(pb.EmbedRequest(model="tiny", input=["a cat", "a dog"]), metadata=app.md)
+    assert [e.index for e in emb.data] == [0, 1]
+    assert sum(v * v for v in emb.data[0].values) == pytest.approx(1.0, abs=1e-4)
+    http = httpx.post(f"{app.http_url}/v1/embeddings", headers=auth,
+                      json={"model": "tiny", "input": ["a cat", "a dog"], "encoding_format": "float"}).json()
+    assert list(emb.data[1].values) == pytest.approx(http["data"][1]["embedding"], abs=1e-6)
+    raw = app.stub.Embed(pb.EmbedRequest(model="tiny", input=["a cat"], pooling="mean", normalize=False),
+                         metadata=app.md)
+    assert sum(v * v for v in raw.data[0].values) != pytest.approx(1.0, abs=1e-4)
+
+    t = app.stub.Tokenize(pb.TokenizeRequest(model="tiny", text=PROMPT), metadata=app.md)
+    assert t.count == len(t.token_ids) > 0 and t.max_model_len == MAX_MODEL_LEN
+    http = httpx.post(f"{app.http_url}/tokenize", headers=auth, json={"model": "tiny", "prompt": PROMPT}).json()
+    assert list(t.token_ids) == http["tokens"]
+    d = app.stub.Detokenize(pb.DetokenizeRequest(model="tiny", token_ids=t.token_ids), metadata=app.md)
+    assert d.text == PROMPT
+
+
+# ---------------------------------------------------------------------------------------------
+# The error contract
+
+
+@pytest.mark.parametrize("req, code, param", [
+    (pb.GenerateRequest(max_tokens=4), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+    (pb.GenerateRequest(prompt="x", prompt_token_ids=[1]), grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids"),
+    (pb.GenerateRequest(prompt="x", messages=[pb.ChatMessage(role="user", content="y")]),
+     grpc.StatusCode.INVALID_ARGUMENT, "messages"),
+    (pb.GenerateRequest(prompt="x", temperature=-1), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+    (pb.GenerateRequest(prompt="x", n=99), grpc.StatusCode.INVALID_ARGUMENT, "n"),
+    (pb.GenerateRequest(prompt="x", max_tokens=MAX_MODEL_LEN), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+    (pb.GenerateRequest(prompt="x", model="gpt-9"), grpc.StatusCode.NOT_FOUND, "model"),
+    (pb.GenerateRequest(prompt="x", model="cls"), grpc.StatusCode.INVALID_ARGUMENT, "model"),
+], ids=["none", "two", "three", "temperature", "n", "context-length", "unknown-model", "wrong-task"])
+@pytest.mark.parametrize("rpc", ["Generate", "GenerateStream"])
+def test_generate_errors(app, rpc, req, code, param):
+    err = rpc_error(getattr(app.stub, rpc), req, metadata=app.md)
+    assert err.code() == code
+    assert err.details().startswith(f"{param}: "), err.details()
+    if param == "max_tokens":
+        assert "maximum context length" in err.details()
+
+
+def test_other_rpc_errors(app):
+    cases = [
+        (app.stub.Classify, pb.ClassifyRequest(model="cls"), grpc.StatusCode.INVALID_ARGUMENT, "input"),
+        (app.stub.Classify, pb.ClassifyRequest(model="nope", input=["x"]), grpc.StatusCode.NOT_FOUND, "model"),
+        (app.stub.ClassifyTokens, pb.ClassifyTokensRequest(model="tok", input="x", aggregation="max"),
+         grpc.StatusCode.INVALID_ARGUMENT, "aggregation"),
+        (app.stub.AnswerQuestion, pb.AnswerQuestionRequest(model="qa", context="c"),
+         grpc.StatusCode.INVALID_ARGUMENT, "question"),
+        (app.stub.Embed, pb.EmbedRequest(input=["x"], pooling="max"), grpc.StatusCode.INVALID_ARGUMENT, "pooling"),
+        (app.stub.Detokenize, pb.DetokenizeRequest(model="tiny", token_ids=[10**9]),
+         grpc.StatusCode.INVALID_ARGUMENT, "token_ids"),
+    ]
+    for call, req, code, param in cases:
+        err = rpc_error(call, req, metadata=app.md)
+        assert (err.code(), err.details().split(":")[0]) == (code, param), (type(req).__name__, err.details())
+
+
+@pytest.mark.parametrize("metadata", [(), (("authorization", "Bearer wrong"),)], ids=["missing", "wrong"])
+def test_unauthenticated(app, metadata):
+    for call, req in [(app.stub.ListModels, pb.ListModelsRequest()), (app.stub.Generate, greedy()),
+                      (app.stub.GenerateStream, greedy())]:
+        assert rpc_error(call, req, metadata=metadata).code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_queue_full_is_resource_exhausted(app):
+    err = rpc_error(app.stub.Generate, pb.GenerateRequest(model="busy", prompt="x", max_tokens=2), metadata=app.md)
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert ("retry-after", "1") in [(m.key, m.value) for m in err.trailing_metadata()]
+    err = rpc_error(app.stub.GenerateStream, pb.GenerateRequest(model="busy", prompt="x", max_tokens=2), metadata=app.md)
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_message_over_size_cap(app):
+    err = rpc_error(app.stub.Generate, pb.GenerateRequest(prompt="x" * (MAX_BODY + 1)), metadata=app.md)
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and str(MAX_BODY) in err.details()
+
+
+# ---------------------------------------------------------------------------------------------
+# Cancellation frees the router's blocks
+
+
+def _wait_idle(app, timeout=20.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        s = app.router_stats()
+        if (s["running"], s["waiting"], s["free_kv_blocks"]) == (0, 0, s["num_kv_blocks"]):
+            return s
+        if time.monotonic() > deadline:
+            raise AssertionError(f"router did not go idle: {s}")
+        time.sleep(0.1)
+
+
+def test_cancel_stream_frees_router_blocks(app):
+    before = _wait_idle(app)
+    req = pb.GenerateRequest(prompt=PROMPT, max_tokens=MAX_MODEL_LEN - 64, temperature=0, ignore_eos=True)
+    call = app.stub.GenerateStream(req, metadata=app.md)
+    got = 0
+    for _ in call:
+        got += 1
+        if got == 3:
+            break
+    running = app.router_stats()
+    assert running["running"] == 1 and running["free_kv_blocks"] < running["num_kv_blocks"]
+    call.cancel()
+    after = _wait_idle(app)
+    # The engine stopped long before max_tokens: the request was aborted, not run to the end.
+    assert after["generated_tokens"] - before["generated_tokens"] < MAX_MODEL_LEN // 2
+    assert after["finished"].get("abort", 0) == before["finished"].get("abort", 0) + 1
+    time.sleep(0.5)
+    assert app.router_stats()["generated_tokens"] == after["generated_tokens"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The typed client and the CLI
+
+
+def test_typed_client(app):
+    with Qwen2ServeClient(app.grpc_target, api_key=API_KEY, timeout=60) as c:
+        assert {m.id for m in c.list_models().models} >= {"tiny", "cls"}
+        r = c.generate(PROMPT, "tiny", max_tokens=12, temperature=0, ignore_eos=True)
+        direct = app.stub.Generate(greedy(), metadata=app.md)
+        assert r.choices[0].text == direct.choices[0].text
+        stream = list(c.generate_stream(PROMPT, max_tokens=12, temperature=0, ignore_eos=True))
+        assert "".join(m.text for m in stream) == r.choices[0].text and stream[-1].usage.completion_tokens == 12
+        assert c.chat([{"role": "user", "content": "Hi"}], max_tokens=3).choices[0].finish_reason == "length"
+        assert c.classify("good film", "cls").results[0].num_classes > 0
+        assert c.classify_tokens("Ada in London", "tok").tokens
+        ans = c.answer("Who?", "Ada wrote it.", "qa")
+        assert ans.answer == "Ada wrote it."[ans.start:ans.end]
+        assert len(c.embed(["x", "y"], "tiny").data) == 2
+        ids = c.tokenize(PROMPT, "tiny").token_ids
+        assert c.detokenize(ids, "tiny").text == PROMPT
+        assert c.health() == "SERVING"
+
+        with pytest.raises(ClientError) as e:
+            c.generate("x", model="gpt-9")
+        assert e.value.code == grpc.StatusCode.NOT_FOUND and e.value.details.startswith("model: ")
+        with pytest.raises(ClientError) as e:
+            list(c.generate_stream("x", top_p=2.0))
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "top_p" in e.value.details
+        with pytest.raises(ClientError) as e:
+            c.generate("x", model="busy", max_tokens=2)
+        assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and e.value.retry_after == 1.0
+
+        # Cancelling through the client stops generation on the server too.
+        before = _wait_idle(app)
+        s = c.generate_stream(PROMPT, max_tokens=MAX_MODEL_LEN - 64, temperature=0, ignore_eos=True)
+        it = iter(s)
+        next(it), next(it)
+        s.cancel()
+        assert list(it) == []
+        after = _wait_idle(app)
+        assert after["finished"].get("abort", 0) == before["finished"].get("abort", 0) + 1
+
+    with Qwen2ServeClient(app.grpc_target) as anonymous:
+        with pytest.raises(ClientError) as e:
+            anonymous.list_models()
+        assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_client_cli(app, capsys):
+    common = ["--target", app.grpc_target, "--api-key", API_KEY]
+    expected = app.stub.Generate(greedy(max_tokens=6), metadata=app.md).choices[0].text
+
+    assert client_cli.main(["client", "generate", "--prompt", PROMPT, "--max-tokens", "6", "--temperature", "0",
+                            *common]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+    assert client_cli.main(["generate", "--prompt", PROMPT, "--max-tokens", "6", "--temperature", "0", "--stream",
+                            *common]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+    assert client_cli.main(["chat", "--message", "Hi", "--max-tokens", "2", *common]) == 0
+    capsys.readouterr()
+    assert client_cli.main(["classify", "--input", "good", "--input", "bad", "--model", "cls", *common]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split("\t")[0] for ln in lines] == ["0", "1"]
+    assert client_cli.main(["answer", "--question", "Who?", "--context", "Ada wrote it.", "--model", "qa", "--json",
+                            *common]) == 0
+    assert '"answer"' in capsys.readouterr().out
+    assert client_cli.main(["models", *common]) == 0
+    assert "tiny\tgenerate" in capsys.readouterr().out
+    assert client_cli.main(["health", *common]) == 0
+    assert capsys.readouterr().out.strip() == "SERVING"
+
+    assert client_cli.main(["generate", "--prompt", "x", "--model", "gpt-9", *common]) == 1
+    assert "error: NOT_FOUND: model:" in capsys.readouterr().err
+    assert client_cli.main(["models", "--target", app.grpc_target]) == 1
+    assert "UNAUTHENTICATED" in capsys.readouterr().err
