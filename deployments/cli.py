@@ -164,7 +164,8 @@ def serve_and_block(app_args: dict, args, banner) -> int:
 
     # Demo checkpoints are written (or found) here, before Ray starts, so errors read plainly.
     app = build_app(app_args)
-    init_kwargs = {"_metrics_export_port": args.metrics_port, "include_dashboard": False}
+    # address="local": always a fresh local cluster, never one some other `ray start` left running.
+    init_kwargs = {"address": "local", "_metrics_export_port": args.metrics_port, "include_dashboard": False}
     if args.address:
         init_kwargs = {"address": args.address}
     elif args.num_cpus:

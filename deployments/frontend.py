@@ -144,7 +144,8 @@ class _ChoiceState:
     def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str]):
         from qwen2_model.tokenizer import IncrementalDetokenizer
 
-        self.detok = IncrementalDetokenizer(tokenizer, prompt_ids)
+        # Special tokens (EOS, <|im_end|>) are not part of the text, as in vLLM and OpenAI.
+        self.detok = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens=True)
         self.stop = stop
         self.held = ""  # decoded text not yet emitted: it may be the start of a stop string
         self.finished = False

@@ -277,7 +277,8 @@ async def ready():
     try:
         for m in fe.models:
             info = await asyncio.wait_for(m.router.info.remote(), 10)
-            models[m.name] = {"architecture": info["architecture"], "max_model_len": info["max_model_len"]}
+            models[m.name] = {"architecture": info["architecture"], "max_model_len": info["max_model_len"],
+                              "num_kv_blocks": info["num_kv_blocks"], "config": info.get("config")}
     except Exception as exc:  # noqa: BLE001
         err = to_serve_error(exc)
         return JSONResponse({"status": "not_ready", "error": err.message}, status_code=503)

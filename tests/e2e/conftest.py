@@ -1,0 +1,109 @@
+"""The shared e2e app: real local Ray + Serve running deployments.app:build_app on free ports.
+
+`serve_app` (session scope) starts Ray (`ray.init(num_cpus=4)`) and Serve with HTTP and gRPC
+proxies, serves four tiny random models (a causal LM, a sequence classifier, a token classifier,
+an extractive QA model) that require the API key `serve_app.api_key`, yields a `ServeApp`, and
+shuts Serve and Ray down at the end of the session. Tests talk to it with real clients only.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+API_KEY = "test-key-0123"
+APP_NAME = "qwen2"
+GRPC_SERVICERS = ["protos.qwen2_serve.v1.qwen2_serve_pb2_grpc.add_Qwen2ServeServicer_to_server"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServeApp:
+    http_url: str  # "http://127.0.0.1:PORT"
+    grpc_target: str  # "127.0.0.1:PORT"
+    api_key: str  # every route but /health and /ready needs "Authorization: Bearer <api_key>"
+    generate_model: str  # causal LM
+    classify_model: str  # sequence classification
+    ner_model: str  # token classification
+    qa_model: str  # extractive QA
+    checkpoints: dict[str, Path] = field(default_factory=dict)  # model name -> checkpoint dir
+    max_model_len: int = 1024
+    max_body_bytes: int = 256 * 1024
+    app_name: str = APP_NAME
+
+    @property
+    def model_names(self) -> list[str]:
+        return [self.generate_model, self.classify_model, self.ner_model, self.qa_model]
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+    def router(self, model: str):
+        """A Serve handle to the model's Router deployment (stats/info/reconfigure)."""
+        from ray import serve
+        return serve.get_deployment_handle(f"router-{model}", app_name=self.app_name)
+
+    def router_stats(self, model: str) -> dict:
+        return self.router(model).stats.remote().result(timeout_s=30)
+
+
+@pytest.fixture(scope="session")
+def serve_app(tmp_path_factory):
+    import httpx
+    import ray
+    from ray import serve
+
+    home = tmp_path_factory.mktemp("qwen2-serve-home")
+    os.environ["QWEN2_SERVE_HOME"] = str(home)
+    from deployments.app import build_app, demo_checkpoint
+
+    names = {"generate": "qwen2-demo", "classify": "qwen2-demo-classifier", "ner": "qwen2-demo-ner",
+             "qa": "qwen2-demo-qa"}
+    heads = {"generate": "causal_lm", "classify": "sequence_classification", "ner": "token_classification",
+             "qa": "question_answering"}
+    checkpoints = {names[k]: demo_checkpoint(heads[k]) for k in names}
+    http_port, grpc_port = free_port(), free_port()
+    app = ServeApp(http_url=f"http://127.0.0.1:{http_port}", grpc_target=f"127.0.0.1:{grpc_port}", api_key=API_KEY,
+                   generate_model=names["generate"], classify_model=names["classify"], ner_model=names["ner"],
+                   qa_model=names["qa"], checkpoints=checkpoints)
+    args = {
+        "api_key": API_KEY,
+        "max_body_bytes": app.max_body_bytes,
+        "request_timeout_s": 120,
+        "models": [{"name": name, "path": str(path), "kv_cache_memory": 8 << 20, "torch_threads": 1,
+                    "engine": {"max_model_len": app.max_model_len}, "pooled_batch_wait_ms": 20}
+                   for name, path in checkpoints.items()],
+    }
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"QWEN2_SERVE_HOME": str(home)}})
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": http_port},
+                    grpc_options={"port": grpc_port, "grpc_servicer_functions": GRPC_SERVICERS})
+        serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(f"{app.http_url}/ready", timeout=10).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError("the e2e app did not become ready")
+            time.sleep(0.5)
+        yield app
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
