@@ -1,0 +1,219 @@
+"""Tensor parallelism on CPU with gloo, through real Ray actors (deployments/workers.py).
+
+tp=2 (and tp=4, KV heads replicated) against the single-process model: logits of all four heads
+within float tolerance, greedy generation through the engine token for token identical, on the tiny
+preset and on the Qwen2-0.5B head layout (14 heads, 2 KV heads; 2 layers and a small vocabulary to
+stay fast). Killing a rank mid-generation fails the step within 10 s naming the rank, and the
+group can be rebuilt. Each start-up check fails with a message naming the numbers.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import ray
+import torch
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from deployments.workers import RayExecutor, StartupError, WorkerDiedError, router_bundles
+from qwen2_model.engine.engine import Engine, EngineConfig, EngineDead
+from qwen2_model.engine.executor import LocalExecutor
+from qwen2_model.engine.model_runner import PooledInput, SeqStep, StepInput
+from qwen2_model.engine.sampling import SamplingParams
+from qwen2_model.loading import from_pretrained
+from qwen2_model.testing import write_random_checkpoint
+
+KV = 4 << 20  # per-rank KV budget: plenty for the tests, cheap to allocate
+GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+PROMPTS = {"a": [1, 2, 3, 4, 5, 6, 7], "b": [40, 41, 42], "c": list(range(100, 150))}
+HEADS = ["causal_lm", "sequence_classification", "token_classification", "question_answering"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    made = {}
+
+    def get(preset: str, head: str = "causal_lm", **overrides):
+        key = (preset, head, tuple(sorted(overrides.items())))
+        if key not in made:
+            extra = dict(num_hidden_layers=2, vocab_size=8192) if preset == "qwen2-0.5b" else {}
+            extra.update(overrides)
+            made[key] = write_random_checkpoint(tmp_path_factory.mktemp(f"{preset}-{head}"), preset=preset,
+                                                head=head, **extra)
+        return made[key]
+    return get
+
+
+def executor(path, tp, **kw):
+    return RayExecutor(path, tp=tp, kv_cache_memory=KV, **kw)
+
+
+def assert_same_output(ours, ref, atol):
+    if isinstance(ref, tuple):  # QA start/end logits
+        for a, b in zip(ours, ref):
+            torch.testing.assert_close(a, b.float(), atol=atol, rtol=1e-4)
+    else:
+        torch.testing.assert_close(ours, ref.float(), atol=atol, rtol=1e-4)
+
+
+def batch_for(path):
+    vocab = from_pretrained(path).config.vocab_size
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, vocab, (2, 9), generator=g).tolist()
+
+
+@pytest.mark.parametrize("preset", ["tiny", "qwen2-0.5b"])
+@pytest.mark.parametrize("head", HEADS[1:])  # causal_lm: in test_greedy_generation_matches_local
+def test_tp2_logits_match_tp1(ckpts, preset, head):
+    path = ckpts(preset, head)
+    ref_model = from_pretrained(path)
+    ids = batch_for(path)
+    mask = [[1] * 9, [1] * 6 + [0] * 3]  # one right-padded row
+    with torch.inference_mode():
+        ref = ref_model(torch.tensor(ids), torch.tensor(mask))
+    ex = executor(path, 2)
+    try:
+        assert ex.architecture == type(ref_model).__name__
+        assert_same_output(ex.forward_logits(ids, mask), ref, atol=1e-4)
+        if head == "sequence_classification":  # the serving path of a one-shot head
+            req = PooledInput("classify", [ids[0], ids[1][:6]])
+            local = LocalExecutor(path).run_pooled(req)
+            torch.testing.assert_close(torch.tensor(ex.run_pooled(req)), torch.tensor(local), atol=1e-5, rtol=1e-4)
+    finally:
+        ex.shutdown()
+
+
+@pytest.mark.parametrize("preset,tp", [("tiny", 2), ("tiny", 4), ("qwen2-0.5b", 2)])
+def test_greedy_generation_matches_local(ckpts, preset, tp):
+    """Causal-LM logits and greedy tokens; tp=4 on the tiny preset (2 KV heads) replicates each KV head."""
+    path = ckpts(preset)
+    config = EngineConfig(max_num_batched_tokens=32)  # prompt "c" is prefilled in two chunks
+    expected = Engine(LocalExecutor(path, kv_cache_memory=KV), config).generate_all(PROMPTS, GREEDY)
+    ex = executor(path, tp)
+    try:
+        assert ex.num_kv_blocks > 0
+        ids = batch_for(path)
+        with torch.inference_mode():
+            ref = from_pretrained(path)(torch.tensor(ids))
+        assert_same_output(ex.forward_logits(ids), ref, atol=1e-4)
+        assert Engine(ex, config).generate_all(PROMPTS, GREEDY) == expected
+    finally:
+        ex.shutdown()
+
+
+def test_killed_rank_fails_the_step_then_rebuild(ckpts):
+    path = ckpts("tiny")
+    long = SamplingParams(temperature=0.0, max_tokens=3000, ignore_eos=True)
+    ex = executor(path, 2)
+    try:
+        engine = Engine(ex)
+        engine.add_request("long", [1, 2, 3], long)
+        for _ in range(3):
+            engine.step()
+        killed_at = []
+
+        def kill_rank_1():
+            killed_at.append(time.monotonic())
+            ray.kill(ex.group.actors[1], no_restart=True)
+
+        timer = threading.Timer(0.3, kill_rank_1)
+        timer.start()
+        with pytest.raises(EngineDead) as info:
+            while engine.has_unfinished():
+                engine.step()
+        failed_at = time.monotonic()
+        timer.join()
+        assert engine.stats.generated_tokens < 3000, "the generation finished before the kill"
+        cause = info.value.__cause__
+        assert isinstance(cause, WorkerDiedError), repr(cause)
+        assert cause.ranks == [1] and "rank 1 of 2 died" in str(cause)
+        print(f"kill -> WorkerDiedError: {failed_at - killed_at[0]:.2f} s")
+        assert failed_at - killed_at[0] < 10.0
+        # The whole group is gone (rank 0 was stuck in a collective): later calls fail at once.
+        assert not ex.alive
+        with pytest.raises(WorkerDiedError, match="rebuild"):
+            ex.check_health()
+        ex.rebuild()
+        ex.check_health()
+        expected = Engine(LocalExecutor(path, kv_cache_memory=KV)).generate_all(PROMPTS, GREEDY)
+        assert Engine(ex).generate_all(PROMPTS, GREEDY) == expected
+        # Rank 0 stuck in a collective that rank 1 never joins, then rank 1 dies: no hang.
+        group = ex.group
+        step = StepInput([SeqStep(0, [1, 2, 3], 0, [0], True, GREEDY)])
+        stuck = group.actors[0].execute.remote(step)
+        assert not ray.wait([stuck], timeout=1.0)[0], "rank 0 finished a step alone"
+        assert group.ping() == [0, 1]  # the health check is answered while a step is stuck
+        ray.kill(group.actors[1], no_restart=True)
+        start = time.monotonic()
+        with pytest.raises(WorkerDiedError, match="rank 1 of 2 died"):
+            group.gather([stuck, group.actors[1].execute.remote(step)])
+        assert time.monotonic() - start < 10.0
+        with pytest.raises(ray.exceptions.RayActorError):  # rank 0 was killed with the group
+            ray.get(group.actors[0].ping.remote(), timeout=10)
+        with pytest.raises(WorkerDiedError, match="rebuild"):
+            ex.execute(step)
+    finally:
+        ex.shutdown()
+
+
+def test_workers_use_the_callers_placement_group(ckpts):
+    """A Serve Router replica's placement group: bundle 0 for the router, 1..tp for the ranks."""
+    path = ckpts("tiny")
+    pg = placement_group(router_bundles(2, use_gpu=False), strategy="STRICT_PACK")
+    ray.get(pg.ready(), timeout=30)
+
+    @ray.remote(num_cpus=1)
+    def router(tp):
+        ex = RayExecutor(path, tp=tp, kv_cache_memory=KV)
+        try:
+            pid_threads = [(i["pid"], i["num_threads"]) for i in ex.worker_info()]
+            return Engine(ex).generate_all({"a": PROMPTS["a"]}, GREEDY), pid_threads
+        finally:
+            ex.shutdown()
+
+    strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0,
+                                                placement_group_capture_child_tasks=True)
+    try:
+        tokens, workers = ray.get(router.options(scheduling_strategy=strategy).remote(2), timeout=120)
+        assert tokens == Engine(LocalExecutor(path, kv_cache_memory=KV)).generate_all({"a": PROMPTS["a"]}, GREEDY)
+        assert [t for _, t in workers] == [1, 1] and len({p for p, _ in workers}) == 2
+        with pytest.raises(StartupError, match="has 3 bundles; tensor_parallel_size 4 needs 5"):
+            ray.get(router.options(scheduling_strategy=strategy).remote(4), timeout=60)
+    finally:
+        remove_placement_group(pg)
+
+
+@pytest.mark.parametrize("overrides,tp,kw,message", [
+    ({}, 0, {}, "tensor_parallel_size must be >= 1, got 0"),
+    ({}, 3, {}, "tensor_parallel_size 3 does not divide num_attention_heads 4"),
+    (dict(hidden_size=96, num_attention_heads=12, num_key_value_heads=4), 6, {},
+     "tensor_parallel_size 6 is above num_key_value_heads 4 but not a multiple of it"),
+    (dict(num_attention_heads=8, num_key_value_heads=4, intermediate_size=130), 4, {},
+     "tensor_parallel_size 4 does not divide intermediate_size 130"),
+    (dict(num_attention_heads=8, num_key_value_heads=8), 8, {},
+     "needs 8 CPUs (8 ranks x 1) but the Ray cluster has 4 CPU in total"),
+    ({}, 2, dict(cpus_per_worker=3), "needs 6 CPUs (2 ranks x 3) but the Ray cluster has 4 CPU in total"),
+    ({}, 2, dict(device="cuda"), "needs 2 GPUs (one per rank) but the Ray cluster has 0 GPU in total"),
+])
+def test_startup_checks_name_the_numbers(ckpts, overrides, tp, kw, message):
+    path = ckpts("tiny", **overrides)
+    with pytest.raises(StartupError) as info:
+        RayExecutor(path, tp=tp, kv_cache_memory=KV, **kw)
+    assert message in str(info.value)
+    # Nothing was left behind: no actor, no placement group holding CPUs.
+    deadline = time.monotonic() + 5
+    while ray.available_resources().get("CPU", 0) < 4 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ray.available_resources().get("CPU", 0) == 4
+    assert not ray.util.placement_group_table() or all(
+        pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values())
