@@ -10,7 +10,8 @@
 Every call returns the generated response message (see qwen2_serve_pb2.pyi for fields) and raises
 `ClientError` (with the gRPC `code`, `details`, and `retry_after` for a full queue) on failure.
 `application` selects the Serve application when several run behind one proxy; `timeout` is the
-per-call deadline in seconds (a call's own `timeout=` overrides it).
+per-call deadline in seconds (a call's own `timeout=` overrides it), sent to the server as its
+`x-request-timeout` as well.
 """
 
 from __future__ import annotations
@@ -151,7 +152,13 @@ class Qwen2ServeClient:
     # -- plumbing -------------------------------------------------------------------------------
 
     def _kw(self, timeout: float | None) -> dict[str, Any]:
-        return {"metadata": self._metadata, "timeout": timeout if timeout is not None else self.timeout}
+        timeout = timeout if timeout is not None else self.timeout
+        metadata = self._metadata
+        if timeout is not None:
+            # The deadline also goes to the server as its request timeout, so generation stops
+            # there even if the call's cancellation does not reach the server.
+            metadata += (("x-request-timeout", f"{max(timeout, 0.001):.3f}"),)
+        return {"metadata": metadata, "timeout": timeout}
 
     def _unary(self, method: Any, request: Any, timeout: float | None) -> Any:
         try:

@@ -15,6 +15,7 @@ Common options: --target HOST:PORT (default 127.0.0.1:9000), --api-key (default 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -49,7 +50,7 @@ def _sampling(p: argparse.ArgumentParser) -> None:
 def add_client_commands(subparsers: Any) -> argparse.ArgumentParser:
     """Add `client {generate,chat,classify,answer,models,health}` to a CLI's subparsers.
 
-    Each leaf sets `func` (args -> exit code), the convention `main` below dispatches on.
+    Each leaf sets `func` (args -> exit code, errors already printed), as deployments/cli.py expects.
     """
     client = subparsers.add_parser("client", help="call a running server over gRPC",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,34 +61,49 @@ def add_client_commands(subparsers: Any) -> argparse.ArgumentParser:
     _common(p)
     _sampling(p)
     p.add_argument("--prompt", required=True)
-    p.set_defaults(func=_cmd_generate)
+    p.set_defaults(func=_guarded(_cmd_generate))
 
     p = sub.add_parser("chat", help="generate a reply to one user message (chat template applied)")
     _common(p)
     _sampling(p)
     p.add_argument("--message", required=True, help="the user turn")
     p.add_argument("--system", default=None, help="an optional system turn")
-    p.set_defaults(func=_cmd_generate)
+    p.set_defaults(func=_guarded(_cmd_generate))
 
     p = sub.add_parser("classify", help="sequence classification")
     _common(p)
     p.add_argument("--input", action="append", required=True, help="text to classify (repeatable)")
-    p.set_defaults(func=_cmd_classify)
+    p.set_defaults(func=_guarded(_cmd_classify))
 
     p = sub.add_parser("answer", help="extractive question answering")
     _common(p)
     p.add_argument("--question", required=True)
     p.add_argument("--context", required=True)
-    p.set_defaults(func=_cmd_answer)
+    p.set_defaults(func=_guarded(_cmd_answer))
 
     p = sub.add_parser("models", help="list the served models")
     _common(p)
-    p.set_defaults(func=_cmd_models)
+    p.set_defaults(func=_guarded(_cmd_models))
 
     p = sub.add_parser("health", help="grpc.health.v1 Check")
     _common(p)
-    p.set_defaults(func=_cmd_health)
+    p.set_defaults(func=_guarded(_cmd_health))
     return client
+
+
+def _guarded(cmd: Any) -> Any:
+    """ClientError -> "error: CODE: details" on stderr and exit code 1 (no traceback), whichever
+    CLI dispatches the command (qwen2-serve's cli.py calls `args.func(args)`)."""
+
+    @functools.wraps(cmd)
+    def run_cmd(args: argparse.Namespace) -> int:
+        try:
+            return cmd(args)
+        except ClientError as e:
+            print(f"error: {e.code.name}: {e.details}", file=sys.stderr)
+            return 1
+
+    return run_cmd
 
 
 def _client(args: argparse.Namespace) -> Qwen2ServeClient:
@@ -165,15 +181,6 @@ def _cmd_health(args: argparse.Namespace) -> int:
     return 0 if status == "SERVING" else 1
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run a parsed `client ...` command; ClientError -> message on stderr, exit code 1."""
-    try:
-        return args.func(args)
-    except ClientError as e:
-        print(f"error: {e.code.name}: {e.details}", file=sys.stderr)
-        return 1
-
-
 def main(argv: list[str] | None = None) -> int:
     """Standalone entry: `python -m deployments.client_cli client generate --prompt ...`
     (the leading `client` is optional here)."""
@@ -182,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["client", *argv]
     parser = argparse.ArgumentParser(prog="qwen2-serve")
     add_client_commands(parser.add_subparsers(dest="command"))
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    return args.func(args)
 
 
 if __name__ == "__main__":

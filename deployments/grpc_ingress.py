@@ -17,6 +17,8 @@ Contract (DESIGN.md, "Wire contract"):
   return an empty message (so trailing metadata travels too); the streaming RPC sets the code and
   raises, which Serve turns into that status (Serve drops trailing metadata on that path).
 - API key: `authorization: Bearer <key>` in the call metadata -> UNAUTHENTICATED otherwise.
+- `x-request-timeout: <seconds>` call metadata shortens the server's generation timeout, as the
+  HTTP header does (-> DEADLINE_EXCEEDED).
 - Client cancellation of GenerateStream: Serve cancels this generator; we close the frontend
   stream, which aborts the request on the router and frees its KV blocks.
 - `grpc.health.v1.Health/Check` (and a one-shot `Watch`) when the proxy is given
@@ -90,6 +92,28 @@ def apply_error(grpc_context: Any, err: ServeError) -> None:
     if err.param:
         trailing.append(("error-param", err.param))
     grpc_context.set_trailing_metadata(trailing)
+
+
+TIMEOUT_METADATA = "x-request-timeout"  # seconds, as HTTP's header; may only shorten the server's timeout
+
+
+def request_timeout(grpc_context: Any) -> float | None:
+    """The `x-request-timeout` call metadata in seconds (None when absent), validated as over HTTP.
+
+    (A gRPC deadline itself is not visible behind Serve's proxy; when it passes, the client
+    cancels the call, which cancels the request here.)"""
+    value = metadata_value(grpc_context, TIMEOUT_METADATA)
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise InvalidRequestError(f"Invalid value for metadata '{TIMEOUT_METADATA}': not a number",
+                                  param=TIMEOUT_METADATA) from None
+    if not seconds > 0:
+        raise InvalidRequestError(f"Invalid value for metadata '{TIMEOUT_METADATA}': must be > 0",
+                                  param=TIMEOUT_METADATA)
+    return seconds
 
 
 def metadata_value(grpc_context: Any, key: str) -> str | None:
@@ -396,6 +420,11 @@ class GrpcIngressMixin:
             apply_error(grpc_context, err)
             return empty
 
+    @staticmethod
+    def _timeout_kw(grpc_context: Any) -> dict[str, float]:
+        seconds = request_timeout(grpc_context)
+        return {} if seconds is None else {"timeout_s": seconds}
+
     def _resolve_name(self, model: str, task: str | None = None) -> str:
         entry = self.frontend.resolve(model_arg(model), task)
         return entry_name(entry, model)
@@ -416,7 +445,8 @@ class GrpcIngressMixin:
         async def call() -> pb.GenerateResponse:
             model, prompt, sampling = self._generate_args(request)
             request_id = new_id("cmpl")
-            choices, usage = await self.frontend.generate(model, prompt, sampling, request_id=request_id)
+            choices, usage = await self.frontend.generate(model, prompt, sampling, request_id=request_id,
+                                                          **self._timeout_kw(grpc_context))
             return generate_response(request_id, model, choices, usage)
 
         return await self._grpc_unary(request, grpc_context, pb.GenerateResponse(), call)
@@ -429,7 +459,8 @@ class GrpcIngressMixin:
             self._grpc_check(request, grpc_context)
             model, prompt, sampling = self._generate_args(request)
             request_id = new_id("cmpl")
-            stream = self.frontend.generate_stream(model, prompt, sampling, request_id=request_id)
+            stream = self.frontend.generate_stream(model, prompt, sampling, request_id=request_id,
+                                                   **self._timeout_kw(grpc_context))
             async for msg in stream_messages(request_id, model, sampling["n"], stream):
                 yield msg
         except ServeError as e:
