@@ -107,3 +107,9 @@ def serve_app(tmp_path_factory):
             serve.shutdown()
         finally:
             ray.shutdown()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tensor-parallel tests first: they start and stop their own Ray, which cannot share a driver
+    with the session-wide `serve_app` Ray once that has started."""
+    items.sort(key=lambda item: 0 if "test_tp.py" in item.nodeid else 1)
