@@ -1,102 +1,84 @@
-"""The gRPC API end to end: the real app (deployments.app.build_app) on local Ray Serve, Serve's own
-gRPC proxy, and real clients (the generated stub, deployments.client, deployments.client_cli).
+"""The gRPC API end to end: the shared e2e app (tests/e2e/conftest.py `serve_app`: build_app on
+local Ray Serve, API key on) behind Serve's own gRPC proxy, with real clients (the generated stub,
+deployments.client, deployments.client_cli).
 
-- every Qwen2Serve RPC through the generated stub, GenerateStream included, and grpc.health.v1 Check;
+- every Qwen2Serve RPC through the generated stub, GenerateStream included, and grpc.health.v1 Check
+  (when the app's grpc_servicer_functions include the health servicer);
 - greedy text over gRPC == HTTP /v1/completions == the engine run directly on the same checkpoint;
 - the error contract over gRPC: INVALID_ARGUMENT naming the field (unary and stream), context
-  length, NOT_FOUND model, UNAUTHENTICATED, RESOURCE_EXHAUSTED (queue full, message too large);
-- cancelling a GenerateStream frees the router's KV blocks (router stats via a Serve handle);
+  length, NOT_FOUND model, UNAUTHENTICATED, RESOURCE_EXHAUSTED (queue full via the router's live
+  reconfigure to max_waiting=0, and a message over the size cap), DEADLINE_EXCEEDED;
+- cancellation (client deadline, stream cancel) aborts on the router and frees its KV blocks;
 - the typed client and the `client` CLI commands.
-
-One application with an API key and four models: `tiny` (causal LM), `busy` (causal LM whose
-engine refuses every request: max_waiting=0, so queue-full is reachable), `cls` (sequence
-classification), `tok` (token classification), `qa` (question answering). Embeddings use `tiny`.
 """
 
 from __future__ import annotations
 
-import socket
+import contextlib
 import time
 
 import grpc
 import httpx
 import pytest
 
-ray = pytest.importorskip("ray")
-from ray import serve  # noqa: E402
-from ray.serve.config import gRPCOptions, HTTPOptions  # noqa: E402
+from deployments import client_cli
+from deployments.client import ClientError, Qwen2ServeClient
+from protos.qwen2_serve.v1 import qwen2_serve_pb2 as pb
+from protos.qwen2_serve.v1 import qwen2_serve_pb2_grpc as pb_grpc
 
-from deployments import client_cli  # noqa: E402
-from deployments.client import ClientError, Qwen2ServeClient  # noqa: E402
-from protos.qwen2_serve.v1 import qwen2_serve_pb2 as pb  # noqa: E402
-from protos.qwen2_serve.v1 import qwen2_serve_pb2_grpc as pb_grpc  # noqa: E402
-
-API_KEY = "sk-grpc-test"
-APP_NAME = "qwen2-grpc-test"
-MAX_MODEL_LEN = 4096
-MAX_BODY = 64 << 10
-SERVICER_FUNCTIONS = [
-    "protos.qwen2_serve.v1.qwen2_serve_pb2_grpc.add_Qwen2ServeServicer_to_server",
-    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
-]
 PROMPT = "The quick brown fox"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class App:
-    """What the tests need of the running app."""
+    """The shared app, seen from gRPC."""
 
-    def __init__(self, grpc_target: str, http_url: str, paths: dict[str, str]):
-        self.grpc_target = grpc_target
-        self.http_url = http_url
-        self.paths = paths
-        self.channel = grpc.insecure_channel(grpc_target)
+    def __init__(self, serve_app):
+        self.s = serve_app
+        self.grpc_target = serve_app.grpc_target
+        self.http_url = serve_app.http_url
+        self.api_key = serve_app.api_key
+        self.gen, self.cls, self.tok, self.qa = (serve_app.generate_model, serve_app.classify_model,
+                                                 serve_app.ner_model, serve_app.qa_model)
+        self.max_model_len = serve_app.max_model_len
+        self.max_body = serve_app.max_body_bytes
+        self.auth = serve_app.headers
+        self.channel = grpc.insecure_channel(self.grpc_target)
         self.stub = pb_grpc.Qwen2ServeStub(self.channel)
-        self.md = (("authorization", f"Bearer {API_KEY}"),)
+        self.md = (("authorization", f"Bearer {self.api_key}"),)
+        self.health_servicer = self._has_health_servicer()
 
-    def router_stats(self, model: str = "tiny") -> dict:
-        return serve.get_deployment_handle(f"router-{model}", APP_NAME).stats.remote().result(timeout_s=30)
+    def _has_health_servicer(self) -> bool:
+        """Whether grpc.health.v1 is routed (its servicer function is in the app's gRPC options)."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        try:
+            health_pb2_grpc.HealthStub(self.channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+                return False
+            raise
+        return True
+
+    def router_stats(self, model: str | None = None) -> dict:
+        return self.s.router_stats(model or self.gen)
+
+    @contextlib.contextmanager
+    def queue_full(self, model: str | None = None):
+        """The router refuses every new request (max_waiting=0) until the block ends."""
+        router = self.s.router(model or self.gen)
+        old = router.info.remote().result(timeout_s=30)["config"]["max_waiting"]
+        router.reconfigure.remote({"max_waiting": 0}).result(timeout_s=30)
+        try:
+            yield
+        finally:
+            router.reconfigure.remote({"max_waiting": old}).result(timeout_s=30)
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    from deployments.app import build_app
-    from qwen2_model.testing import write_random_checkpoint
-
-    root = tmp_path_factory.mktemp("grpc-ckpts")
-    heads = {"tiny": "causal_lm", "cls": "sequence_classification", "tok": "token_classification",
-             "qa": "question_answering"}
-    paths = {name: str(write_random_checkpoint(root / name, preset="tiny", head=head)) for name, head in heads.items()}
-    paths["busy"] = paths["tiny"]
-    grpc_port, http_port = _free_port(), _free_port()
-
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options=HTTPOptions(host="127.0.0.1", port=http_port),
-                    grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=SERVICER_FUNCTIONS))
-        models = [
-            {"name": "tiny", "path": paths["tiny"], "engine": {"max_model_len": MAX_MODEL_LEN}, "torch_threads": 1},
-            {"name": "busy", "path": paths["busy"], "engine": {"max_model_len": 256, "max_waiting": 0},
-             "kv_cache_memory": 8 << 20, "torch_threads": 1},
-            {"name": "cls", "path": paths["cls"], "torch_threads": 1},
-            {"name": "tok", "path": paths["tok"], "torch_threads": 1},
-            {"name": "qa", "path": paths["qa"], "torch_threads": 1},
-        ]
-        serve.run(build_app({"models": models, "api_key": API_KEY, "max_body_bytes": MAX_BODY}),
-                  name=APP_NAME, route_prefix="/")
-        a = App(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}", paths)
-        yield a
-        a.channel.close()
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
+def app(serve_app):
+    a = App(serve_app)
+    yield a
+    a.channel.close()
 
 
 def rpc_error(call, *args, **kwargs) -> grpc.RpcError:
@@ -118,32 +100,38 @@ def greedy(prompt=PROMPT, max_tokens=12, **kw) -> pb.GenerateRequest:
 def test_list_models_and_health(app):
     models = app.stub.ListModels(pb.ListModelsRequest(), metadata=app.md)
     cards = {m.id: m for m in models.models}
-    assert set(cards) == {"tiny", "busy", "cls", "tok", "qa"}
-    assert cards["tiny"].task == "generate" and cards["tiny"].max_model_len == MAX_MODEL_LEN
-    assert cards["cls"].task == "classify" and cards["qa"].task == "answer"
+    assert set(cards) == set(app.s.model_names)
+    assert cards[app.gen].task == "generate" and cards[app.gen].max_model_len == app.max_model_len
+    assert cards[app.cls].task == "classify" and cards[app.qa].task == "answer"
+    assert cards[app.tok].task == "classify_tokens"
+
+
+def test_health(app):
+    # Serve's own health endpoint, always there.
+    from ray.serve.generated import serve_pb2, serve_pb2_grpc
+
+    assert serve_pb2_grpc.RayServeAPIServiceStub(app.channel).Healthz(serve_pb2.HealthzRequest()).message == "success"
 
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    if not app.health_servicer:
+        pytest.skip("the app's grpc_servicer_functions lack grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server")
     health = health_pb2_grpc.HealthStub(app.channel)
     assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
     assert health.Check(health_pb2.HealthCheckRequest(service="qwen2_serve.v1.Qwen2Serve")).status == \
         health_pb2.HealthCheckResponse.SERVING
     assert rpc_error(health.Check, health_pb2.HealthCheckRequest(service="nope")).code() == grpc.StatusCode.NOT_FOUND
-    # Serve's own health endpoint works too.
-    from ray.serve.generated import serve_pb2, serve_pb2_grpc
-
-    assert serve_pb2_grpc.RayServeAPIServiceStub(app.channel).Healthz(serve_pb2.HealthzRequest()).message == "success"
 
 
 def test_generate_greedy_matches_http_and_engine(app):
     resp = app.stub.Generate(greedy(), metadata=app.md)
     [choice] = resp.choices
-    assert resp.model == "tiny" and resp.id.startswith("cmpl-")
+    assert resp.model == app.gen and resp.id.startswith("cmpl-")
     assert choice.finish_reason == "length" and len(choice.token_ids) == 12
     assert resp.usage.completion_tokens == 12 and resp.usage.total_tokens == resp.usage.prompt_tokens + 12
 
-    http = httpx.post(f"{app.http_url}/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60,
-                      json={"model": "tiny", "prompt": PROMPT, "max_tokens": 12, "temperature": 0, "ignore_eos": True})
+    http = httpx.post(f"{app.http_url}/v1/completions", headers=app.auth, timeout=60,
+                      json={"model": app.gen, "prompt": PROMPT, "max_tokens": 12, "temperature": 0, "ignore_eos": True})
     assert http.status_code == 200, http.text
     assert http.json()["choices"][0]["text"] == choice.text
     assert http.json()["usage"]["prompt_tokens"] == resp.usage.prompt_tokens
@@ -154,9 +142,9 @@ def test_generate_greedy_matches_http_and_engine(app):
     from qwen2_model.engine.sampling import SamplingParams
     from qwen2_model.tokenizer import Qwen2Tokenizer
 
-    tokenizer = Qwen2Tokenizer.from_pretrained(app.paths["tiny"])
+    tokenizer = Qwen2Tokenizer.from_pretrained(str(app.s.checkpoints[app.gen]))
     ids = tokenizer.encode(PROMPT)
-    engine = Engine(LocalExecutor(app.paths["tiny"], kv_cache_memory=8 << 20), EngineConfig(max_model_len=MAX_MODEL_LEN))
+    engine = Engine(LocalExecutor(str(app.s.checkpoints[app.gen]), kv_cache_memory=8 << 20), EngineConfig(max_model_len=app.max_model_len))
     [out] = engine.generate_all({"r": ids}, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))["r"]
     assert list(choice.token_ids) == out
     assert choice.text == tokenizer.decode(out)
@@ -192,8 +180,8 @@ def test_generate_chat_messages_match_http(app):
     messages = [pb.ChatMessage(role="system", content="Be brief."), pb.ChatMessage(role="user", content="Hello")]
     resp = app.stub.Generate(pb.GenerateRequest(messages=messages, max_tokens=8, temperature=0, ignore_eos=True),
                              metadata=app.md)
-    http = httpx.post(f"{app.http_url}/v1/chat/completions", headers={"Authorization": f"Bearer {API_KEY}"},
-                      timeout=60, json={"model": "tiny", "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+    http = httpx.post(f"{app.http_url}/v1/chat/completions", headers=app.auth,
+                      timeout=60, json={"model": app.gen, "max_tokens": 8, "temperature": 0, "ignore_eos": True,
                                         "messages": [{"role": m.role, "content": m.content} for m in messages]})
     assert http.status_code == 200, http.text
     assert http.json()["choices"][0]["message"]["content"] == resp.choices[0].text
@@ -201,46 +189,46 @@ def test_generate_chat_messages_match_http(app):
 
 
 def test_classify_tokens_answer_embed_tokenize(app):
-    auth = {"Authorization": f"Bearer {API_KEY}"}
-    cls = app.stub.Classify(pb.ClassifyRequest(model="cls", input=["good film", "bad film"]), metadata=app.md)
-    http = httpx.post(f"{app.http_url}/v1/classify", headers=auth, json={"model": "cls", "input": ["good film", "bad film"]})
+    auth = app.auth
+    cls = app.stub.Classify(pb.ClassifyRequest(model=app.cls, input=["good film", "bad film"]), metadata=app.md)
+    http = httpx.post(f"{app.http_url}/v1/classify", headers=auth, json={"model": app.cls, "input": ["good film", "bad film"]})
     assert [r.label for r in cls.results] == [d["label"] for d in http.json()["data"]]
     assert [r.index for r in cls.results] == [0, 1] and cls.results[0].num_classes == len(cls.results[0].probs)
     assert cls.results[0].probs == pytest.approx(http.json()["data"][0]["probs"], abs=1e-6)
     assert cls.usage.prompt_tokens > 0
 
     text = "Ada Lovelace lived in London"
-    tok = app.stub.ClassifyTokens(pb.ClassifyTokensRequest(model="tok", input=text, aggregation="simple"),
+    tok = app.stub.ClassifyTokens(pb.ClassifyTokensRequest(model=app.tok, input=text, aggregation="simple"),
                                   metadata=app.md)
     assert tok.tokens and all(text[t.start:t.end] == t.token for t in tok.tokens)
     http = httpx.post(f"{app.http_url}/v1/classify/tokens", headers=auth,
-                      json={"model": "tok", "input": text, "aggregation": "simple"}).json()
+                      json={"model": app.tok, "input": text, "aggregation": "simple"}).json()
     assert [t.label for t in tok.tokens] == [t["label"] for t in http["tokens"]]
     assert len(tok.entities) == len(http["entities"])
 
     context = "Ada Lovelace wrote the first program in 1843."
-    ans = app.stub.AnswerQuestion(pb.AnswerQuestionRequest(model="qa", question="Who wrote it?", context=context),
+    ans = app.stub.AnswerQuestion(pb.AnswerQuestionRequest(model=app.qa, question="Who wrote it?", context=context),
                                   metadata=app.md)
     assert ans.answer == context[ans.start:ans.end] and ans.end > ans.start
     http = httpx.post(f"{app.http_url}/v1/answer", headers=auth,
-                      json={"model": "qa", "question": "Who wrote it?", "context": context}).json()
+                      json={"model": app.qa, "question": "Who wrote it?", "context": context}).json()
     assert (ans.answer, ans.start, ans.end) == (http["answer"], http["start"], http["end"])
 
-    emb = app.stub.Embed(pb.EmbedRequest(model="tiny", input=["a cat", "a dog"]), metadata=app.md)
+    emb = app.stub.Embed(pb.EmbedRequest(model=app.gen, input=["a cat", "a dog"]), metadata=app.md)
     assert [e.index for e in emb.data] == [0, 1]
     assert sum(v * v for v in emb.data[0].values) == pytest.approx(1.0, abs=1e-4)
     http = httpx.post(f"{app.http_url}/v1/embeddings", headers=auth,
-                      json={"model": "tiny", "input": ["a cat", "a dog"], "encoding_format": "float"}).json()
+                      json={"model": app.gen, "input": ["a cat", "a dog"], "encoding_format": "float"}).json()
     assert list(emb.data[1].values) == pytest.approx(http["data"][1]["embedding"], abs=1e-6)
-    raw = app.stub.Embed(pb.EmbedRequest(model="tiny", input=["a cat"], pooling="mean", normalize=False),
+    raw = app.stub.Embed(pb.EmbedRequest(model=app.gen, input=["a cat"], pooling="mean", normalize=False),
                          metadata=app.md)
     assert sum(v * v for v in raw.data[0].values) != pytest.approx(1.0, abs=1e-4)
 
-    t = app.stub.Tokenize(pb.TokenizeRequest(model="tiny", text=PROMPT), metadata=app.md)
-    assert t.count == len(t.token_ids) > 0 and t.max_model_len == MAX_MODEL_LEN
-    http = httpx.post(f"{app.http_url}/tokenize", headers=auth, json={"model": "tiny", "prompt": PROMPT}).json()
+    t = app.stub.Tokenize(pb.TokenizeRequest(model=app.gen, text=PROMPT), metadata=app.md)
+    assert t.count == len(t.token_ids) > 0 and t.max_model_len == app.max_model_len
+    http = httpx.post(f"{app.http_url}/tokenize", headers=auth, json={"model": app.gen, "prompt": PROMPT}).json()
     assert list(t.token_ids) == http["tokens"]
-    d = app.stub.Detokenize(pb.DetokenizeRequest(model="tiny", token_ids=t.token_ids), metadata=app.md)
+    d = app.stub.Detokenize(pb.DetokenizeRequest(model=app.gen, token_ids=t.token_ids), metadata=app.md)
     assert d.text == PROMPT
 
 
@@ -255,9 +243,9 @@ def test_classify_tokens_answer_embed_tokenize(app):
      grpc.StatusCode.INVALID_ARGUMENT, "messages"),
     (pb.GenerateRequest(prompt="x", temperature=-1), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
     (pb.GenerateRequest(prompt="x", n=99), grpc.StatusCode.INVALID_ARGUMENT, "n"),
-    (pb.GenerateRequest(prompt="x", max_tokens=MAX_MODEL_LEN), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+    (pb.GenerateRequest(prompt="x", max_tokens=32000), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
     (pb.GenerateRequest(prompt="x", model="gpt-9"), grpc.StatusCode.NOT_FOUND, "model"),
-    (pb.GenerateRequest(prompt="x", model="cls"), grpc.StatusCode.INVALID_ARGUMENT, "model"),
+    (pb.GenerateRequest(prompt="x", model="qwen2-demo-classifier"), grpc.StatusCode.INVALID_ARGUMENT, "model"),
 ], ids=["none", "two", "three", "temperature", "n", "context-length", "unknown-model", "wrong-task"])
 @pytest.mark.parametrize("rpc", ["Generate", "GenerateStream"])
 def test_generate_errors(app, rpc, req, code, param):
@@ -270,14 +258,14 @@ def test_generate_errors(app, rpc, req, code, param):
 
 def test_other_rpc_errors(app):
     cases = [
-        (app.stub.Classify, pb.ClassifyRequest(model="cls"), grpc.StatusCode.INVALID_ARGUMENT, "input"),
+        (app.stub.Classify, pb.ClassifyRequest(model=app.cls), grpc.StatusCode.INVALID_ARGUMENT, "input"),
         (app.stub.Classify, pb.ClassifyRequest(model="nope", input=["x"]), grpc.StatusCode.NOT_FOUND, "model"),
-        (app.stub.ClassifyTokens, pb.ClassifyTokensRequest(model="tok", input="x", aggregation="max"),
+        (app.stub.ClassifyTokens, pb.ClassifyTokensRequest(model=app.tok, input="x", aggregation="max"),
          grpc.StatusCode.INVALID_ARGUMENT, "aggregation"),
-        (app.stub.AnswerQuestion, pb.AnswerQuestionRequest(model="qa", context="c"),
+        (app.stub.AnswerQuestion, pb.AnswerQuestionRequest(model=app.qa, context="c"),
          grpc.StatusCode.INVALID_ARGUMENT, "question"),
         (app.stub.Embed, pb.EmbedRequest(input=["x"], pooling="max"), grpc.StatusCode.INVALID_ARGUMENT, "pooling"),
-        (app.stub.Detokenize, pb.DetokenizeRequest(model="tiny", token_ids=[10**9]),
+        (app.stub.Detokenize, pb.DetokenizeRequest(model=app.gen, token_ids=[10**9]),
          grpc.StatusCode.INVALID_ARGUMENT, "token_ids"),
     ]
     for call, req, code, param in cases:
@@ -293,21 +281,23 @@ def test_unauthenticated(app, metadata):
 
 
 def test_queue_full_is_resource_exhausted(app):
-    err = rpc_error(app.stub.Generate, pb.GenerateRequest(model="busy", prompt="x", max_tokens=2), metadata=app.md)
-    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert ("retry-after", "1") in [(m.key, m.value) for m in err.trailing_metadata()]
-    err = rpc_error(app.stub.GenerateStream, pb.GenerateRequest(model="busy", prompt="x", max_tokens=2), metadata=app.md)
-    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    with app.queue_full():
+        err = rpc_error(app.stub.Generate, pb.GenerateRequest(prompt="x", max_tokens=2), metadata=app.md)
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
+        assert ("retry-after", "1") in [(m.key, m.value) for m in err.trailing_metadata()]
+        err = rpc_error(app.stub.GenerateStream, pb.GenerateRequest(prompt="x", max_tokens=2), metadata=app.md)
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert app.stub.Generate(greedy(max_tokens=2), metadata=app.md).choices[0].finish_reason == "length"
 
 
 def test_message_over_size_cap(app):
-    err = rpc_error(app.stub.Generate, pb.GenerateRequest(prompt="x" * (MAX_BODY + 1)), metadata=app.md)
-    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and str(MAX_BODY) in err.details()
+    err = rpc_error(app.stub.Generate, pb.GenerateRequest(prompt="x" * (app.max_body + 1)), metadata=app.md)
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and str(app.max_body) in err.details()
 
 
 def test_request_timeout_metadata_is_deadline_exceeded(app):
     md = app.md + (("x-request-timeout", "0.2"),)
-    req = pb.GenerateRequest(prompt=PROMPT, max_tokens=MAX_MODEL_LEN - 64, temperature=0, ignore_eos=True)
+    req = pb.GenerateRequest(prompt=PROMPT, max_tokens=app.max_model_len - 64, temperature=0, ignore_eos=True)
     for call in (app.stub.Generate, app.stub.GenerateStream):
         err = rpc_error(call, req, metadata=md)
         assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err.details()
@@ -338,11 +328,11 @@ def _aborts(stats: dict) -> int:
 def test_deadline_on_unary_generate_aborts_on_router(app):
     """A client deadline cancels the call; Serve cancels the ingress, which aborts on the router."""
     before = _wait_idle(app)
-    req = pb.GenerateRequest(prompt=PROMPT, max_tokens=MAX_MODEL_LEN - 64, temperature=0, ignore_eos=True)
+    req = pb.GenerateRequest(prompt=PROMPT, max_tokens=app.max_model_len - 64, temperature=0, ignore_eos=True)
     assert rpc_error(app.stub.Generate, req, metadata=app.md, timeout=0.5).code() == grpc.StatusCode.DEADLINE_EXCEEDED
     after = _wait_idle(app)
     assert _aborts(after) == _aborts(before) + 1
-    assert after["generated_tokens"] - before["generated_tokens"] < MAX_MODEL_LEN // 2
+    assert after["generated_tokens"] - before["generated_tokens"] < app.max_model_len // 2
 
 
 def test_cancel_stream_frees_router_blocks(app):
@@ -356,7 +346,7 @@ def test_cancel_stream_frees_router_blocks(app):
     tries, aborted = 4, 0
     for _ in range(tries):
         before = _wait_idle(app)
-        req = pb.GenerateRequest(prompt=PROMPT, max_tokens=1500, temperature=0, ignore_eos=True)
+        req = pb.GenerateRequest(prompt=PROMPT, max_tokens=app.max_model_len - 64, temperature=0, ignore_eos=True)
         call = app.stub.GenerateStream(req, metadata=app.md)
         for got, _msg in enumerate(call, 1):
             if got == 3:
@@ -371,7 +361,7 @@ def test_cancel_stream_frees_router_blocks(app):
         if _aborts(after) == _aborts(before) + 1:
             aborted += 1
             # Stopped long before max_tokens, and stays stopped.
-            assert after["generated_tokens"] - before["generated_tokens"] < 1000
+            assert after["generated_tokens"] - before["generated_tokens"] < app.max_model_len // 2
             time.sleep(0.3)
             assert app.router_stats()["generated_tokens"] == after["generated_tokens"]
     assert aborted >= 1, f"no cancellation reached the router in {tries} tries"
@@ -382,22 +372,23 @@ def test_cancel_stream_frees_router_blocks(app):
 
 
 def test_typed_client(app):
-    with Qwen2ServeClient(app.grpc_target, api_key=API_KEY, timeout=60) as c:
-        assert {m.id for m in c.list_models().models} >= {"tiny", "cls"}
-        r = c.generate(PROMPT, "tiny", max_tokens=12, temperature=0, ignore_eos=True)
+    with Qwen2ServeClient(app.grpc_target, api_key=app.api_key, timeout=60) as c:
+        assert {m.id for m in c.list_models().models} == set(app.s.model_names)
+        r = c.generate(PROMPT, app.gen, max_tokens=12, temperature=0, ignore_eos=True)
         direct = app.stub.Generate(greedy(), metadata=app.md)
         assert r.choices[0].text == direct.choices[0].text
         stream = list(c.generate_stream(PROMPT, max_tokens=12, temperature=0, ignore_eos=True))
         assert "".join(m.text for m in stream) == r.choices[0].text and stream[-1].usage.completion_tokens == 12
         assert c.chat([{"role": "user", "content": "Hi"}], max_tokens=3, ignore_eos=True).choices[0].finish_reason == "length"
-        assert c.classify("good film", "cls").results[0].num_classes > 0
-        assert c.classify_tokens("Ada in London", "tok").tokens
-        ans = c.answer("Who?", "Ada wrote it.", "qa")
+        assert c.classify("good film", app.cls).results[0].num_classes > 0
+        assert c.classify_tokens("Ada in London", app.tok).tokens
+        ans = c.answer("Who?", "Ada wrote it.", app.qa)
         assert ans.answer == "Ada wrote it."[ans.start:ans.end]
-        assert len(c.embed(["x", "y"], "tiny").data) == 2
-        ids = c.tokenize(PROMPT, "tiny").token_ids
-        assert c.detokenize(ids, "tiny").text == PROMPT
-        assert c.health() == "SERVING"
+        assert len(c.embed(["x", "y"], app.gen).data) == 2
+        ids = c.tokenize(PROMPT, app.gen).token_ids
+        assert c.detokenize(ids, app.gen).text == PROMPT
+        if app.health_servicer:
+            assert c.health() == "SERVING"
 
         with pytest.raises(ClientError) as e:
             c.generate("x", model="gpt-9")
@@ -405,13 +396,13 @@ def test_typed_client(app):
         with pytest.raises(ClientError) as e:
             list(c.generate_stream("x", top_p=2.0))
         assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "top_p" in e.value.details
-        with pytest.raises(ClientError) as e:
-            c.generate("x", model="busy", max_tokens=2)
+        with app.queue_full(), pytest.raises(ClientError) as e:
+            c.generate("x", max_tokens=2)
         assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and e.value.retry_after == 1.0
 
         # Cancelling through the client ends the iteration quietly (the server side: see
         # test_cancel_stream_frees_router_blocks).
-        s = c.generate_stream(PROMPT, max_tokens=1000, temperature=0, ignore_eos=True)
+        s = c.generate_stream(PROMPT, max_tokens=app.max_model_len - 64, temperature=0, ignore_eos=True)
         it = iter(s)
         next(it), next(it)
         s.cancel()
@@ -420,13 +411,13 @@ def test_typed_client(app):
 
     # The client's timeout also goes to the server as x-request-timeout: the server stops at the
     # deadline even when the call's cancellation is lost on the way.
-    with Qwen2ServeClient(app.grpc_target, api_key=API_KEY, timeout=0.5) as c:
+    with Qwen2ServeClient(app.grpc_target, api_key=app.api_key, timeout=0.5) as c:
         before = _wait_idle(app)
         with pytest.raises(ClientError) as e:
-            list(c.generate_stream(PROMPT, max_tokens=MAX_MODEL_LEN - 64, temperature=0, ignore_eos=True))
+            list(c.generate_stream(PROMPT, max_tokens=app.max_model_len - 64, temperature=0, ignore_eos=True))
         assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
         after = _wait_idle(app)
-        assert after["generated_tokens"] - before["generated_tokens"] < MAX_MODEL_LEN // 2
+        assert after["generated_tokens"] - before["generated_tokens"] < app.max_model_len // 2
 
     with Qwen2ServeClient(app.grpc_target) as anonymous:
         with pytest.raises(ClientError) as e:
@@ -435,7 +426,7 @@ def test_typed_client(app):
 
 
 def test_client_cli(app, capsys):
-    common = ["--target", app.grpc_target, "--api-key", API_KEY]
+    common = ["--target", app.grpc_target, "--api-key", app.api_key]
     expected = app.stub.Generate(greedy(max_tokens=6), metadata=app.md).choices[0].text
 
     assert client_cli.main(["client", "generate", "--prompt", PROMPT, "--max-tokens", "6", "--temperature", "0",
@@ -446,16 +437,17 @@ def test_client_cli(app, capsys):
     assert capsys.readouterr().out == expected + "\n"
     assert client_cli.main(["chat", "--message", "Hi", "--max-tokens", "2", *common]) == 0
     capsys.readouterr()
-    assert client_cli.main(["classify", "--input", "good", "--input", "bad", "--model", "cls", *common]) == 0
+    assert client_cli.main(["classify", "--input", "good", "--input", "bad", "--model", app.cls, *common]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [ln.split("\t")[0] for ln in lines] == ["0", "1"]
-    assert client_cli.main(["answer", "--question", "Who?", "--context", "Ada wrote it.", "--model", "qa", "--json",
+    assert client_cli.main(["answer", "--question", "Who?", "--context", "Ada wrote it.", "--model", app.qa, "--json",
                             *common]) == 0
     assert '"answer"' in capsys.readouterr().out
     assert client_cli.main(["models", *common]) == 0
-    assert "tiny\tgenerate" in capsys.readouterr().out
-    assert client_cli.main(["health", *common]) == 0
-    assert capsys.readouterr().out.strip() == "SERVING"
+    assert f"{app.gen}\tgenerate" in capsys.readouterr().out
+    if app.health_servicer:
+        assert client_cli.main(["health", *common]) == 0
+        assert capsys.readouterr().out.strip() == "SERVING"
 
     assert client_cli.main(["generate", "--prompt", "x", "--model", "gpt-9", *common]) == 1
     assert "error: NOT_FOUND: model:" in capsys.readouterr().err
@@ -466,6 +458,6 @@ def test_client_cli(app, capsys):
     from deployments import cli
 
     assert cli.main(["client", "models", *common]) == 0
-    assert "tiny\tgenerate" in capsys.readouterr().out
+    assert f"{app.gen}\tgenerate" in capsys.readouterr().out
     assert cli.main(["client", "generate", "--prompt", "x", "--model", "gpt-9", *common]) == 1
     assert "error: NOT_FOUND" in capsys.readouterr().err
