@@ -20,7 +20,10 @@ import sys
 import threading
 from pathlib import Path
 
-GRPC_SERVICERS = ["protos.qwen2_serve.v1.qwen2_serve_pb2_grpc.add_Qwen2ServeServicer_to_server"]
+GRPC_SERVICERS = [
+    "protos.qwen2_serve.v1.qwen2_serve_pb2_grpc.add_Qwen2ServeServicer_to_server",
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",  # standard grpc.health.v1 Check
+]
 APP_NAME = "qwen2"
 DEMO_MODELS = [
     ("qwen2-demo", "demo:causal_lm"),
