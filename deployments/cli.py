@@ -6,7 +6,9 @@
 
 `demo` and `run` start a local Ray (or join one with --address), run the application of
 deployments/app.py, print how to call it, and block until Ctrl-C; then Serve and Ray shut down.
-Prometheus metrics are exported by Ray on --metrics-port.
+Prometheus metrics (deployments/metrics.py: ray_qwen2_*, next to Ray Serve's ray_serve_*) are
+exported by Ray on --metrics-port at /metrics; with --address, on the port that cluster was started
+with (`ray start --metrics-export-port`).
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ def _add_server_options(p: argparse.ArgumentParser) -> None:
                    help="require 'Authorization: Bearer KEY' on every route but /health and /ready "
                         "(default: $QWEN2_SERVE_API_KEY, or no key)")
     g.add_argument("--metrics-port", type=int, default=8080,
-                   help="port of Ray's Prometheus metrics endpoint (default: %(default)s)")
+                   help="port of Ray's Prometheus metrics endpoint, http://HOST:PORT/metrics (default: "
+                        "%(default)s; with --address the cluster's own `ray start --metrics-export-port` applies)")
     g.add_argument("--address", default=None,
                    help="join a running Ray cluster (e.g. 'auto') instead of starting a local one")
     g.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray (default: all)")
@@ -182,7 +185,11 @@ def serve_and_block(app_args: dict, args, banner) -> int:
                     grpc_options={"port": args.grpc_port, "grpc_servicer_functions": GRPC_SERVICERS})
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
         banner()
-        print(f"Prometheus metrics: http://127.0.0.1:{args.metrics_port}/metrics", flush=True)
+        if args.address:
+            print("Prometheus metrics: /metrics on the cluster's metrics export port (ray start --metrics-export-port)",
+                  flush=True)
+        else:
+            print(f"Prometheus metrics: http://127.0.0.1:{args.metrics_port}/metrics", flush=True)
         print("Press Ctrl-C to stop.", flush=True)
         while not stop.wait(0.5):
             pass

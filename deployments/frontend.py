@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
+from deployments import metrics
 from deployments.protocol import (
     DEFAULT_LIMITS,
     InternalError,
@@ -195,15 +196,18 @@ class Frontend:
         if not model:
             for m in self.models:  # a model whose own task it is, then any that can
                 if task is None or m.task == task:
+                    metrics.set_request_model(m.name)
                     return m
             for m in self.models:
                 if m.can(task):
+                    metrics.set_request_model(m.name)
                     return m
             raise InvalidRequestError(f"No served model can do {task!r}; served: "
                                       f"{', '.join(f'{m.name} ({m.task})' for m in self.models)}", param="model")
         entry = self.by_name.get(model)
         if entry is None:
             raise ModelNotFoundError(model, available=list(self.by_name))
+        metrics.set_request_model(entry.name)  # the `model` label of this request's error, if any
         if not entry.can(task):
             raise InvalidRequestError(f"The model '{model}' is a {entry.task} model and cannot do {task!r}",
                                       param="model")
@@ -281,6 +285,7 @@ class Frontend:
         `sampling` is `to_sampling_fields()` output (with "stop"; max_tokens may be None = the rest
         of the context). `timeout_s` (e.g. a gRPC deadline) can only shorten the server's timeout.
         """
+        start = time.monotonic()
         entry = self.resolve(model, "generate")
         params = dict(sampling)
         stop = list(params.pop("stop", None) or [])
@@ -292,6 +297,7 @@ class Frontend:
         deadline = _Deadline(seconds)
         states = [_ChoiceState(entry.tokenizer, ids, stop) for _ in range(n)]
         remaining = n
+        rm = metrics.GenerationMetrics(entry.name, len(ids), start)
         stream = entry.router.options(stream=True).generate.remote(request_id, ids, params)
         try:
             while remaining:
@@ -306,6 +312,7 @@ class Frontend:
                 st = states[out["index"]]
                 if st.finished:
                     continue  # outputs after our own abort (stop string)
+                rm.on_output(out["index"], len(out["token_ids"]))
                 reason = out["finish_reason"]
                 st.num_output_tokens = out["num_output_tokens"]
                 text, stopped = st.feed(out["token_ids"], final=reason is not None)
@@ -318,6 +325,7 @@ class Frontend:
                 if reason is not None:
                     st.finished = True
                     remaining -= 1
+                    rm.on_choice_end(reason)
                 yield GenerationDelta(out["index"], text, list(out["token_ids"]),
                                       self._logprob_entries(entry.tokenizer, out.get("logprobs")), reason)
         finally:
@@ -330,6 +338,10 @@ class Frontend:
                     entry.router.abort.remote(request_id)
                 except Exception:
                     pass
+                for st in states:
+                    if not st.finished:
+                        rm.on_choice_end("abort")
+            rm.on_request_end(completed=not remaining)
         completion = sum(s.num_output_tokens for s in states)
         yield Usage(len(ids), completion, len(ids) + completion)
 
@@ -360,7 +372,8 @@ class Frontend:
 
     # --- one-shot heads ------------------------------------------------------------------------
 
-    async def _pooled(self, entry: ModelEntry, task: str, token_ids: list[list[int]], **kw) -> list:
+    async def _pooled(self, entry: ModelEntry, task: str, token_ids: list[list[int]], start: float | None = None,
+                      **kw) -> list:
         for i, ids in enumerate(token_ids):
             if len(ids) > entry.max_model_len:
                 from deployments.protocol import ContextLengthExceededError
@@ -369,20 +382,24 @@ class Frontend:
                     f"{len(ids)} tokens", param="input")
         deadline = _Deadline(self.request_timeout_s)
         try:
-            return await deadline.run(entry.router.pooled.remote(task, token_ids, **kw))
+            result = await deadline.run(entry.router.pooled.remote(task, token_ids, **kw))
+            metrics.record_pooled(entry.name, sum(len(x) for x in token_ids),
+                                  time.monotonic() if start is None else start)
+            return result
         except ServeError as exc:
             raise to_serve_error(exc) from None
         except Exception as exc:
             raise to_serve_error(exc) from None
 
     async def classify(self, model: str, inputs: list[str]) -> tuple[list[dict], Usage]:
+        start = time.monotonic()
         entry = self.resolve(model, "classify")
         if entry.task != "classify":
             raise InvalidRequestError(f"The model '{entry.name}' is a {entry.task} model, not a classifier",
                                       param="model")
         texts = normalize_inputs(inputs, "input", self.limits)
         ids = [t if isinstance(t, list) else entry.tokenizer.encode(t) for t in texts]
-        probs = await self._pooled(entry, "classify", ids)
+        probs = await self._pooled(entry, "classify", ids, start)
         data = []
         for i, p in enumerate(probs):
             best = max(range(len(p)), key=p.__getitem__)
@@ -392,6 +409,7 @@ class Frontend:
         return data, Usage(total, 0, total)
 
     async def classify_tokens(self, model: str, text: str, aggregation: str = "none") -> tuple[list[dict], list[dict]]:
+        start = time.monotonic()
         entry = self.resolve(model, "classify_tokens")
         if entry.task != "classify_tokens":
             raise InvalidRequestError(f"The model '{entry.name}' is a {entry.task} model, not a token classifier",
@@ -404,7 +422,7 @@ class Frontend:
         ids, offsets = entry.tokenizer.encode_with_offsets(text)
         if not ids:
             raise InvalidRequestError("Invalid value for 'input': no tokens", param="input")
-        [probs] = await self._pooled(entry, "classify_tokens", [ids])
+        [probs] = await self._pooled(entry, "classify_tokens", [ids], start)
         tokens = []
         for tid, (start, end), p in zip(ids, offsets, probs):
             best = max(range(len(p)), key=p.__getitem__)
@@ -414,6 +432,7 @@ class Frontend:
         return tokens, entities
 
     async def answer(self, model: str, question: str, context: str) -> dict:
+        start = time.monotonic()
         entry = self.resolve(model, "answer")
         if entry.task != "answer":
             raise InvalidRequestError(f"The model '{entry.name}' is a {entry.task} model, not a question answerer",
@@ -429,19 +448,20 @@ class Frontend:
             raise InvalidRequestError("Invalid value for 'question': leaves no room for the context",
                                       param="question")
         c_ids, c_offsets = c_ids[:room], c_offsets[:room]  # truncate the context, never the question
-        [(start_logits, end_logits)] = await self._pooled(entry, "answer", [q_ids + c_ids])
+        [(start_logits, end_logits)] = await self._pooled(entry, "answer", [q_ids + c_ids], start)
         q = len(q_ids)
         s, e = start_logits[q:], end_logits[q:]  # context positions only
         return best_span(s, e, c_offsets, context)
 
     async def embed(self, model: str, inputs: list[str] | list[list[int]], pooling: str = "last",
                     normalize: bool = True) -> tuple[list[list[float]], Usage]:
+        start = time.monotonic()
         entry = self.resolve(model, "embed")
         if pooling not in ("last", "mean"):
             raise InvalidRequestError("Invalid value for 'pooling': must be 'last' or 'mean'", param="pooling")
         batch = normalize_inputs(inputs, "input", self.limits)
         ids = [t if isinstance(t, list) else entry.tokenizer.encode(t) for t in batch]
-        vectors = await self._pooled(entry, "embed", ids, pooling=pooling, normalize=bool(normalize))
+        vectors = await self._pooled(entry, "embed", ids, start, pooling=pooling, normalize=bool(normalize))
         total = sum(len(x) for x in ids)
         return vectors, Usage(total, 0, total)
 

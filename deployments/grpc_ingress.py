@@ -37,6 +37,7 @@ from typing import Any
 
 import grpc
 
+from deployments import metrics
 from deployments.errors import (
     InternalError,
     InvalidRequestError,
@@ -83,7 +84,10 @@ def to_serve_error(exc: BaseException) -> ServeError:
 
 
 def apply_error(grpc_context: Any, err: ServeError) -> None:
-    """Write a ServeError onto a (RayServe)gRPC context: code, details, trailing metadata."""
+    """Write a ServeError onto a (RayServe)gRPC context: code, details, trailing metadata.
+
+    Every failed RPC passes here exactly once, so this is where qwen2_errors counts it."""
+    metrics.count_error(err.code.value)
     if grpc_context is None:
         return
     grpc_context.set_code(err.grpc_status())

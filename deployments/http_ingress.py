@@ -26,6 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from deployments import metrics
 from deployments.frontend import Frontend, GenerationDelta, Usage, to_serve_error
 from deployments.protocol import (
     AnswerRequest,
@@ -68,6 +69,8 @@ def _frontend() -> Frontend:
 
 
 def error_response(err: ServeError) -> JSONResponse:
+    """The HTTP answer to a failed request; counts it once in qwen2_errors (deployments/metrics.py)."""
+    metrics.count_error(err.code.value)
     status, body, headers = err.to_http()
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -228,11 +231,14 @@ async def _sse_stream(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
         async for chunk in chunks:
             yield chunk
     except ServeError as err:  # after the headers: the error goes in the stream
+        metrics.count_error(err.code.value)
         yield _sse(err.to_http()[1])
     except (asyncio.CancelledError, GeneratorExit):
         raise
     except Exception as exc:  # noqa: BLE001
-        yield _sse(to_serve_error(exc).to_http()[1])
+        err = to_serve_error(exc)
+        metrics.count_error(err.code.value)
+        yield _sse(err.to_http()[1])
     finally:
         with contextlib.suppress(BaseException):
             await chunks.aclose()

@@ -36,6 +36,7 @@ from deployments.errors import (
     ServeError,
     UnavailableError,
 )
+from deployments.metrics import RouterMetrics
 
 logger = logging.getLogger("ray.serve")
 
@@ -114,8 +115,12 @@ class Router:
         if unknown:
             raise ValueError(f"model {model_name!r}: unknown engine options {sorted(unknown)}; known: {sorted(known)}")
         self.engine = Engine(executor, EngineConfig(**(engine or {})))
+        # Prometheus (deployments/metrics.py): step records from the engine, state sampled once a second.
+        self.metrics = RouterMetrics(model_name)
+        self.engine.step_observers.append(self.metrics.observe_step)
         self.async_engine = AsyncEngine(self.engine)
         self.tp = tp
+        self.metrics.start(self.async_engine.stats, _workers_alive(executor, tp))
         self.pooled_batch_wait_ms = float(pooled_batch_wait_ms)
         self.pooled_max_batch_size = int(pooled_max_batch_size)
         self._pooled_queue: asyncio.Queue | None = None
@@ -297,9 +302,20 @@ class Router:
 
     def __del__(self):
         try:
+            self.metrics.stop()
+        except Exception:
+            pass
+        try:
             self.async_engine.shutdown()
         except Exception:
             pass
+
+
+def _workers_alive(executor, tp: int):
+    """For the qwen2_tp_workers_alive gauge: tp while the worker group lives, else 0 (tp=1: 1)."""
+    def alive() -> int:
+        return tp if getattr(executor, "alive", True) else 0
+    return alive
 
 
 def _default_device() -> str:

@@ -10,9 +10,11 @@ strings and detokenization belong to the ingress.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from .executor import Executor
 from .kv_cache import BlockManager
@@ -84,6 +86,17 @@ class EngineStats:
     finished: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass
+class StepRecord:
+    """What one model step did, handed to `Engine.step_observers` (metrics; no Ray here)."""
+    seconds: float  # wall time of the step (schedule + model + bookkeeping)
+    num_seqs: int  # sequences in the batch
+    num_tokens: int  # tokens computed (prefill chunks + decodes)
+    prefill_tokens: int  # of which prompt (or recompute) tokens
+    decode_seqs: int  # sequences that only decoded one token
+    queue_times: list[float]  # seconds waited, for each sequence scheduled for the first time this step
+
+
 class Engine:
     def __init__(self, executor: Executor, config: EngineConfig | None = None):
         self.executor = executor
@@ -100,6 +113,9 @@ class Engine:
         self.requests: dict[str, list[Sequence]] = {}
         self._finished_seq_ids: list[int] = []
         self.stats = EngineStats(num_kv_blocks=self.blocks.num_blocks)
+        # Called with a StepRecord at the end of every step that ran the model (in the step thread,
+        # under AsyncEngine's lock: keep them cheap). An observer that raises is logged and skipped.
+        self.step_observers: list[Callable[[StepRecord], None]] = []
 
     # --- requests ------------------------------------------------------------------------------
 
@@ -174,7 +190,11 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         start = time.perf_counter()
+        start_mono = time.monotonic()  # the scheduler stamps first_scheduled_time with monotonic()
         scheduled = self.scheduler.schedule()
+        # decode = one new token for a sequence whose earlier tokens are all computed (before the step)
+        decodes = [bool(i.seq.output_token_ids) and i.num_new_tokens == 1 and i.seq.num_computed + 1 == i.seq.num_tokens
+                   for i in scheduled] if self.step_observers else []
         step_input = StepInput([self._seq_step(item) for item in scheduled], self._finished_seq_ids)
         self._finished_seq_ids = []
         if not scheduled:
@@ -197,7 +217,23 @@ class Engine:
                 self._finish(seq, reason)
             outputs.append(self._output(seq, [token], [logprob]))
         self._record(scheduled, time.perf_counter() - start)
+        if self.step_observers and len(decodes) == len(scheduled):
+            self._notify(scheduled, decodes, start_mono)
         return outputs
+
+    def _notify(self, scheduled: list[ScheduledSeq], decodes: list[bool], start_mono: float) -> None:
+        s = self.stats
+        record = StepRecord(
+            seconds=s.last_step_seconds, num_seqs=len(scheduled), num_tokens=s.last_batch_tokens,
+            prefill_tokens=sum(i.num_new_tokens for i, d in zip(scheduled, decodes) if not d),
+            decode_seqs=sum(decodes),
+            queue_times=[i.seq.first_scheduled_time - i.seq.arrival_time for i in scheduled
+                         if i.seq.first_scheduled_time is not None and i.seq.first_scheduled_time >= start_mono])
+        for observer in list(self.step_observers):
+            try:
+                observer(record)
+            except Exception:  # a metrics bug must never stop the engine
+                logging.getLogger(__name__).exception("step observer %r failed", observer)
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params

@@ -43,6 +43,7 @@ class ServeApp:
     max_model_len: int = 1024
     max_body_bytes: int = 256 * 1024
     app_name: str = APP_NAME
+    metrics_url: str = ""  # "http://127.0.0.1:PORT/metrics": Ray's Prometheus endpoint (deployments/metrics.py)
 
     @property
     def model_names(self) -> list[str]:
@@ -76,10 +77,11 @@ def serve_app(tmp_path_factory):
     heads = {"generate": "causal_lm", "classify": "sequence_classification", "ner": "token_classification",
              "qa": "question_answering"}
     checkpoints = {names[k]: demo_checkpoint(heads[k]) for k in names}
-    http_port, grpc_port = free_port(), free_port()
+    http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
     app = ServeApp(http_url=f"http://127.0.0.1:{http_port}", grpc_target=f"127.0.0.1:{grpc_port}", api_key=API_KEY,
                    generate_model=names["generate"], classify_model=names["classify"], ner_model=names["ner"],
-                   qa_model=names["qa"], checkpoints=checkpoints)
+                   qa_model=names["qa"], checkpoints=checkpoints,
+                   metrics_url=f"http://127.0.0.1:{metrics_port}/metrics")
     args = {
         "api_key": API_KEY,
         "max_body_bytes": app.max_body_bytes,
@@ -88,8 +90,10 @@ def serve_app(tmp_path_factory):
                     "engine": {"max_model_len": app.max_model_len}, "pooled_batch_wait_ms": 20}
                    for name, path in checkpoints.items()],
     }
+    # Metrics: exported on metrics_port, pushed to the exporter every second (default 10 s).
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"QWEN2_SERVE_HOME": str(home)}})
+             runtime_env={"env_vars": {"QWEN2_SERVE_HOME": str(home)}}, _metrics_export_port=metrics_port,
+             _system_config={"metrics_report_interval_ms": 1000})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": http_port},
                     grpc_options={"port": grpc_port, "grpc_servicer_functions": GRPC_SERVICERS})
