@@ -154,6 +154,14 @@ class SeqSlice:
     block_table: list[int]
 
 
+def gather_slots(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """cache [N, Hkv, D] rows at `slots` (any shape) -> [*slots.shape, Hkv, D].
+
+    index_select on the flattened indices is ~3x faster on CPU than advanced indexing `cache[slots]`.
+    """
+    return cache.index_select(0, slots.reshape(-1)).view(*slots.shape, *cache.shape[1:])
+
+
 class PagedAttentionBatch:
     """`attend` for one engine step over a PagedKVCache."""
 
@@ -219,16 +227,16 @@ class PagedAttentionBatch:
             B = slots.shape[0]
             # Query heads sharing a KV head go in the "sequence" dim, so KV is never expanded.
             qd = q[rows].view(B, Hkv, groups, D)  # [B, Hkv, G, D]
-            kd = k_cache[slots].transpose(1, 2)  # [B, Hkv, Lmax, D]
-            vd = v_cache[slots].transpose(1, 2)
+            kd = gather_slots(k_cache, slots).transpose(1, 2)  # [B, Hkv, Lmax, D]
+            vd = gather_slots(v_cache, slots).transpose(1, 2)
             o = torch.nn.functional.scaled_dot_product_attention(
                 qd, kd, vd, attn_mask=self._decode_mask(sliding_window), scale=scale)  # [B, Hkv, G, D]
             out[rows] = o.reshape(B, Hq, D)
         for i, seq in enumerate(self.prefills):
             n, slots = seq.count, self._prefill_slots[i]
             qp = q[seq.start:seq.start + n].view(n, Hkv, groups, D).permute(1, 2, 0, 3).reshape(1, Hkv, groups * n, D)
-            kp = k_cache[slots].transpose(0, 1)[None]  # [1, Hkv, L, D]
-            vp = v_cache[slots].transpose(0, 1)[None]
+            kp = gather_slots(k_cache, slots).transpose(0, 1)[None]  # [1, Hkv, L, D]
+            vp = gather_slots(v_cache, slots).transpose(0, 1)[None]
             o = torch.nn.functional.scaled_dot_product_attention(
                 qp, kp, vp, attn_mask=self._prefill_mask(i, seq, groups, sliding_window), scale=scale)
             out[seq.start:seq.start + n] = o.view(Hkv, groups, n, D).permute(2, 0, 1, 3).reshape(n, Hq, D)

