@@ -186,6 +186,8 @@ class StepProfiler:
         self.wrap(runner, "execute", "executor")
         self.wrap(engine.scheduler, "schedule", "schedule")
         # inside attention: the ops, via torch functions the attention module calls
+        if hasattr(kv_cache, "gather_slots"):  # the KV gather as a function (index_select)
+            self.wrap(kv_cache, "gather_slots", "kv_gather")
         self.wrap(torch.nn.functional, "scaled_dot_product_attention", "sdpa")
         self.wrap(torch.Tensor, "index_copy_", "cache_write")
         orig_getitem = torch.Tensor.__getitem__
@@ -304,7 +306,7 @@ def run_microprofile(engine: Engine, batch_seqs: int, context: int) -> None:
     r["  linears: gate_up_proj"] = layers * _best(lambda: mlp.gate_up_proj(x))
     r["  linears: down_proj"] = layers * _best(lambda: mlp.down_proj(h1))
     r["  attention: attend() total"] = layers * _best(lambda: batch.attend(0, q, k, v, None, attn.scale))
-    r["    KV gather k_cache[slots] + v_cache[slots]"] = layers * 2 * _best(lambda: kc[slots])
+    r["    KV gather k_cache[slots] + v_cache[slots] (indexing)"] = layers * 2 * _best(lambda: kc[slots])
     r["    SDPA (bool mask, GQA in seq dim)"] = layers * _best(lambda: torch.nn.functional.scaled_dot_product_attention(
         qd, kd, vd, attn_mask=mask, scale=attn.scale))
     r["    cache write index_copy_ (k+v)"] = layers * 2 * _best(lambda: kc.index_copy_(0, batch.slot_mapping, k))
