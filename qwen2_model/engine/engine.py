@@ -262,7 +262,7 @@ class Engine:
         s.last_batch_seqs = len(scheduled)
         s.max_batch_seqs = max(s.max_batch_seqs, len(scheduled))
         s.last_batch_tokens = sum(i.num_new_tokens for i in scheduled)
-        s.last_step_prefill_tokens = sum(i.num_new_tokens for i in scheduled if i.seq.prefilling or not i.samples)
+        s.last_step_prefill_tokens = sum(i.num_new_tokens for i in scheduled if i.num_new_tokens > 1 or not i.samples)
         s.last_step_seconds = seconds
         self.refresh_stats()
 
