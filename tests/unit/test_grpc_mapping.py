@@ -8,47 +8,20 @@ the real path (Serve's proxy, the real frontend and router) is tests/e2e/test_gr
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
-
 import grpc
 import pytest
 
 from deployments import grpc_ingress as G
 from deployments.client import ClientError, build_generate_request
 from deployments.errors import ModelNotFoundError, QueueFullError
+from deployments.frontend import Choice, ModelEntry, Usage
+from deployments.frontend import GenerationDelta as Delta
 from deployments.protocol import Limits
 from protos.qwen2_serve.v1 import qwen2_serve_pb2 as pb
 
 
-@dataclass
-class Delta:
-    index: int
-    text: str
-    token_ids: list
-    logprobs: list | None
-    finish_reason: str | None
-
-
-@dataclass
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-@dataclass
-class Choice:
-    index: int
-    text: str
-    token_ids: list
-    logprobs: list | None
-    finish_reason: str | None
-
-
-@dataclass
-class Entry:
-    name: str
-    max_model_len: int = 64
+def Entry(name: str, max_model_len: int = 64) -> ModelEntry:
+    return ModelEntry(name, path="", task="generate", tokenizer=None, router=None, max_model_len=max_model_len)
 
 
 class Ctx:
