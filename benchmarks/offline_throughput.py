@@ -174,7 +174,7 @@ class StepProfiler:
 
     def install(self, engine: Engine) -> None:
         from qwen2_model import parallel
-        from qwen2_model.engine import kv_cache, model_runner
+        from qwen2_model.engine import kv_cache
         runner = engine.executor.runner
         self.wrap(parallel.ColumnParallelLinear, "forward", "linear")
         self.wrap(parallel.RowParallelLinear, "forward", "linear")

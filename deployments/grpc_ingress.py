@@ -46,7 +46,8 @@ from deployments.errors import (
     UnavailableError,
     check_api_key,
 )
-from deployments.protocol import DEFAULT_LIMITS, Limits, check_body_size, new_id, normalize_inputs, to_sampling_fields
+from deployments.protocol import (DEFAULT_LIMITS, Limits, check_body_size, new_id, normalize_inputs,
+                                  parse_request_timeout, to_sampling_fields)
 from protos.qwen2_serve.v1 import qwen2_serve_pb2 as pb
 
 logger = logging.getLogger("qwen2_serve.grpc")
@@ -106,18 +107,7 @@ def request_timeout(grpc_context: Any) -> float | None:
 
     (A gRPC deadline itself is not visible behind Serve's proxy; when it passes, the client
     cancels the call, which cancels the request here.)"""
-    value = metadata_value(grpc_context, TIMEOUT_METADATA)
-    if value is None:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise InvalidRequestError(f"Invalid value for metadata '{TIMEOUT_METADATA}': not a number",
-                                  param=TIMEOUT_METADATA) from None
-    if not seconds > 0:
-        raise InvalidRequestError(f"Invalid value for metadata '{TIMEOUT_METADATA}': must be > 0",
-                                  param=TIMEOUT_METADATA)
-    return seconds
+    return parse_request_timeout(metadata_value(grpc_context, TIMEOUT_METADATA), TIMEOUT_METADATA, "metadata")
 
 
 def metadata_value(grpc_context: Any, key: str) -> str | None:

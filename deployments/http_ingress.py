@@ -24,19 +24,19 @@ from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from deployments import metrics
-from deployments.frontend import Frontend, GenerationDelta, Usage, to_serve_error
+from deployments.frontend import Frontend, Usage, to_serve_error
 from deployments.protocol import (
     AnswerRequest,
+    parse_request_timeout,
     BodyTooLargeError,
     ChatCompletionRequest,
     ClassifyRequest,
     CompletionRequest,
     DetokenizeRequest,
     EmbeddingRequest,
-    InvalidRequestError,
     ServeError,
     TokenClassifyRequest,
     TokenizeRequest,
@@ -139,17 +139,7 @@ async def _any_error(request: Request, exc: Exception):
 
 
 def _timeout(request: Request) -> float | None:
-    value = request.headers.get(TIMEOUT_HEADER)
-    if value is None:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise InvalidRequestError(f"Invalid value for header '{TIMEOUT_HEADER}': not a number",
-                                  param=TIMEOUT_HEADER) from None
-    if not seconds > 0:
-        raise InvalidRequestError(f"Invalid value for header '{TIMEOUT_HEADER}': must be > 0", param=TIMEOUT_HEADER)
-    return seconds
+    return parse_request_timeout(request.headers.get(TIMEOUT_HEADER), TIMEOUT_HEADER, "header")
 
 
 def _usage(u: Usage) -> dict:

@@ -739,6 +739,19 @@ def normalize_inputs(
     return batch
 
 
+def parse_request_timeout(value: str | None, name: str, kind: str = "header") -> float | None:
+    """A client's `x-request-timeout` (HTTP header or gRPC metadata) in seconds; None when absent."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise InvalidRequestError(f"Invalid value for {kind} '{name}': not a number", param=name) from None
+    if not seconds > 0:
+        raise InvalidRequestError(f"Invalid value for {kind} '{name}': must be > 0", param=name)
+    return seconds
+
+
 def check_body_size(num_bytes: int, limits: Limits = DEFAULT_LIMITS) -> None:
     if num_bytes > limits.max_body_bytes:
         raise BodyTooLargeError(

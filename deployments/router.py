@@ -27,7 +27,7 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
 from deployments.errors import (
     ContextLengthExceededError,

@@ -11,7 +11,6 @@ from qwen2_model.engine.executor import LocalExecutor
 from qwen2_model.engine.kv_cache import PagedKVCache
 from qwen2_model.engine.model_runner import PooledInput
 from qwen2_model.engine.sampling import SamplingParams
-from qwen2_model.generation import greedy_generate
 from qwen2_model.testing import write_random_checkpoint
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
