@@ -217,3 +217,39 @@ def test_startup_checks_name_the_numbers(ckpts, overrides, tp, kw, message):
     assert ray.available_resources().get("CPU", 0) == 4
     assert not ray.util.placement_group_table() or all(
         pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values())
+
+
+def test_serve_router_with_tp2_placement_group_serves_same_greedy_text(ckpts):
+    """The whole path at tp=2: Serve gang-schedules the Router replica and its two TP workers in one
+    STRICT_PACK placement group (app.py's placement_group_bundles); HTTP greedy text equals the
+    single-process engine's."""
+    import httpx
+    from ray import serve
+
+    from deployments.app import build_app
+    from qwen2_model.tokenizer import Qwen2Tokenizer
+    from tests.e2e.conftest import free_port
+
+    path = ckpts("tiny", "causal_lm", vocab_size=512)  # = the trained tokenizer's size: every id decodes
+    prompt = "hello world, tensor parallel"
+    tokenizer = Qwen2Tokenizer.from_pretrained(path)
+    prompt_ids = tokenizer.encode(prompt)
+    expected_ids = Engine(LocalExecutor(path, kv_cache_memory=KV)).generate_all({"p": prompt_ids}, GREEDY)["p"][0]
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app({"models": [{"name": "tp2", "path": str(path), "tp": 2, "kv_cache_memory": KV,
+                                         "torch_threads": 1}]}), name="tp2-app", route_prefix="/")
+        body = {"model": "tp2", "prompt": prompt, "max_tokens": GREEDY.max_tokens, "temperature": 0,
+                "ignore_eos": True}
+        reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=120)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["text"] == tokenizer.decode(expected_ids, skip_special_tokens=True)
+        assert reply.json()["usage"]["completion_tokens"] == GREEDY.max_tokens
+        info = serve.get_deployment_handle("router-tp2", app_name="tp2-app").info.remote().result(timeout_s=30)
+        assert info["tp"] == 2
+        groups = [g for g in ray.util.placement_group_table().values() if g["state"] == "CREATED"]
+        # the Router replica's own group: its bundle plus one per TP worker, packed on one node
+        assert any(len(g["bundles"]) == 3 and g["strategy"] == "STRICT_PACK" for g in groups), groups
+    finally:
+        serve.shutdown()
