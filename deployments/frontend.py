@@ -296,6 +296,7 @@ class Frontend:
         seconds = self.request_timeout_s if timeout_s is None else min(self.request_timeout_s, max(timeout_s, 0.0))
         deadline = _Deadline(seconds)
         states = [_ChoiceState(entry.tokenizer, ids, stop) for _ in range(n)]
+        engine_done = [False] * n  # the engine reported a finish_reason for the choice
         remaining = n
         rm = metrics.GenerationMetrics(entry.name, len(ids), start)
         stream = entry.router.options(stream=True).generate.remote(request_id, ids, params)
@@ -310,6 +311,8 @@ class Frontend:
                 except Exception as exc:
                     raise to_serve_error(exc) from None
                 st = states[out["index"]]
+                if out["finish_reason"] is not None:
+                    engine_done[out["index"]] = True
                 if st.finished:
                     continue  # outputs after our own abort (stop string)
                 rm.on_output(out["index"], len(out["token_ids"]))
@@ -318,7 +321,10 @@ class Frontend:
                 text, stopped = st.feed(out["token_ids"], final=reason is not None)
                 if stopped:
                     reason = "stop"
-                    if out["finish_reason"] is None:  # the engine is still generating it: free its blocks
+                    if out["finish_reason"] is None and remaining > 1:
+                        # Other choices go on: abort this one (best effort: with several Router
+                        # replicas the call may reach one that does not hold it; the finally below
+                        # cancels the stream itself, which always reaches the right replica).
                         await entry.router.abort.remote(request_id, out["index"])
                 elif reason == "abort":
                     reason = "stop"
@@ -329,15 +335,16 @@ class Frontend:
                 yield GenerationDelta(out["index"], text, list(out["token_ids"]),
                                       self._logprob_entries(entry.tokenizer, out.get("logprobs")), reason)
         finally:
-            if remaining:  # left early: disconnect, deadline, error -> stop the engine now
+            if not all(engine_done):
+                # Left early (disconnect, deadline, error) or ended by a stop string while the engine
+                # still generates: cancelling the stream cancels the router's generator on the replica
+                # that runs it, which aborts the request there and frees its KV blocks at once.
                 try:
                     stream.cancel()
+                    entry.router.abort.remote(request_id)  # and by id, in case the cancel is lost
                 except Exception:
                     pass
-                try:
-                    entry.router.abort.remote(request_id)
-                except Exception:
-                    pass
+            if remaining:
                 for st in states:
                     if not st.finished:
                         rm.on_choice_end("abort")

@@ -177,6 +177,30 @@ def test_stop_strings_are_not_emitted(client, serve_app, reference):
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
+def test_stop_string_stops_generation_in_the_engine(serve_app, reference):
+    """A matched stop string ends the request in the router too: it does not run on to max_tokens."""
+    import time
+
+    tok, greedy = reference
+    _, text = greedy(tok.encode(PROMPT), 24)
+    stop = text[4:7]
+    model = serve_app.generate_model
+    before = serve_app.router_stats(model)
+    body = {"model": model, "prompt": PROMPT, "max_tokens": 900, "temperature": 0, "stop": [stop],
+            "ignore_eos": True}
+    reply = httpx.post(f"{serve_app.http_url}/v1/completions", json=body, headers=serve_app.headers, timeout=120)
+    assert reply.status_code == 200 and reply.json()["choices"][0]["finish_reason"] == "stop"
+    deadline = time.time() + 30
+    while True:
+        s = serve_app.router_stats(model)
+        if s["running"] == 0 and s["free_kv_blocks"] == s["num_kv_blocks"]:
+            break
+        assert time.time() < deadline, s
+        time.sleep(0.2)
+    assert s["generated_tokens"] - before["generated_tokens"] < 100  # far below max_tokens=900
+    assert s["finished"].get("abort", 0) > before["finished"].get("abort", 0)
+
+
 def test_concurrent_requests_share_steps(serve_app, reference):
     tok, greedy = reference
     prompts = [f"request number {i} says {'ab' * (i % 5)}" for i in range(16)]
