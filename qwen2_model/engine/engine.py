@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -300,23 +301,50 @@ class Engine:
 
 
 class AsyncEngine:
-    """Runs `Engine.step` in a background thread; each request gets an asyncio stream of outputs."""
+    """Runs `Engine.step` in a background thread; each request gets an asyncio stream of outputs.
+
+    The event loop never waits for a model step: new requests and aborts go through an inbox that
+    the step thread drains between steps. What can be checked at once (field ranges, context
+    length, queue capacity, a duplicate id) is checked in `generate`, so the caller gets the error.
+    """
 
     def __init__(self, engine: Engine):
         self.engine = engine
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held by the step thread around drain + step
         self._wake = threading.Event()
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", id, ids, params) | ("abort", id, index)
+        self._pending_adds = 0
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stopped = False
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="engine-step-loop", daemon=True)
         self._thread.start()
 
+    def _drain(self) -> None:
+        while True:
+            try:
+                command = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if command[0] == "add":
+                _, request_id, prompt_token_ids, params = command
+                self._pending_adds -= 1
+                try:
+                    self.engine.add_request(request_id, prompt_token_ids, params)
+                except Exception as exc:  # raced past the checks in generate(): fail that stream only
+                    self._deliver(request_id, exc)
+            else:
+                _, request_id, index = command
+                for out in self.engine.abort(request_id, index):  # the stream sees finish_reason "abort"
+                    self._deliver(request_id, out)
+
     def _loop(self) -> None:
         while not self._stopped:
+            self._wake.clear()
+            outputs: list = []
             with self._lock:
+                self._drain()
                 busy = self.engine.has_unfinished()
-                outputs: list = []
                 if busy:
                     try:
                         outputs = self.engine.step()
@@ -325,15 +353,14 @@ class AsyncEngine:
                         continue
             for out in outputs:
                 self._deliver(out.request_id, out)
-            if not busy:
+            if not busy and self._inbox.empty():
                 self._wake.wait(0.05)
-                self._wake.clear()
 
     def _deliver(self, request_id: str, item) -> None:
         target = self._streams.get(request_id)
         if target is not None:
-            loop, queue = target
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+            loop, stream = target
+            loop.call_soon_threadsafe(stream.put_nowait, item)
 
     def _fail_all(self, exc: BaseException) -> None:
         self.error = exc
@@ -343,17 +370,25 @@ class AsyncEngine:
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams):
         """Yields RequestOutputs until every choice finished; aborts on cancellation."""
+        if self.error is not None:
+            raise EngineDead(f"the engine failed earlier: {self.error}")
+        if request_id in self._streams or request_id in self.engine.requests:
+            raise EngineError(f"request id {request_id!r} is already in use", param="request_id")
+        self.engine.validate(prompt_token_ids, params)  # static checks: no lock needed
+        if len(self.engine.scheduler.waiting) + self._pending_adds >= self.engine.config.max_waiting:
+            raise QueueFull(f"the queue is full ({self.engine.config.max_waiting} waiting requests)")
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        with self._lock:
-            self.engine.add_request(request_id, prompt_token_ids, params)
-            self._streams[request_id] = (loop, queue)
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (loop, stream)
+        self._pending_adds += 1
+        self._inbox.put(("add", request_id, list(prompt_token_ids), params))
         self._wake.set()
         remaining = params.n
         try:
             while remaining:
-                item = await queue.get()
+                item = await stream.get()
                 if isinstance(item, BaseException):
+                    remaining = 0  # nothing of it is left in the engine
                     raise item
                 if item.finished:
                     remaining -= 1
@@ -364,10 +399,9 @@ class AsyncEngine:
                 self.abort(request_id)
 
     def abort(self, request_id: str, index: int | None = None) -> None:
-        with self._lock:
-            outputs = self.engine.abort(request_id, index)
-        for out in outputs:  # the stream sees the choice end with finish_reason "abort"
-            self._deliver(request_id, out)
+        """Stop a request (or one choice); its blocks are freed before the next step."""
+        self._inbox.put(("abort", request_id, index))
+        self._wake.set()
 
     async def run_pooled(self, req: PooledInput) -> list:
         def run():

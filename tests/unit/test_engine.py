@@ -277,3 +277,64 @@ def test_batched_pooled_heads_equal_single_forwards(tmp_path, head, task):
         with torch.no_grad():
             probs = ex.model(torch.tensor([inputs[0]])).softmax(-1)[0]
         torch.testing.assert_close(torch.tensor(batched[0]), probs, atol=1e-5, rtol=0)
+
+
+def test_async_engine_never_blocks_the_event_loop_on_a_step(executor):
+    """Adding and aborting requests while a (slow) step runs must not stall the event loop."""
+    import time
+
+    class SlowExecutor:
+        def __init__(self, inner):
+            self.inner = inner
+            self.config, self.architecture = inner.config, inner.architecture
+            self.num_kv_blocks, self.block_size = inner.num_kv_blocks, inner.block_size
+
+        def execute(self, step):
+            time.sleep(0.3)
+            return self.inner.execute(step)
+
+        def shutdown(self):
+            pass
+
+    runner = AsyncEngine(Engine(SlowExecutor(executor)))
+
+    async def main():
+        async def consume(rid):
+            return [o async for o in runner.generate(rid, [1, 2, 3], SamplingParams(max_tokens=3, **GREEDY))]
+
+        first = asyncio.create_task(consume("a"))
+        await asyncio.sleep(0.05)  # the step thread is now inside a 0.3 s step
+        gaps, last = [], time.perf_counter()
+        second = asyncio.create_task(consume("b"))
+        for _ in range(40):
+            await asyncio.sleep(0.01)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+        results = await asyncio.gather(first, second)
+        return max(gaps), results
+
+    try:
+        worst_gap, (a, b) = asyncio.run(main())
+        assert worst_gap < 0.15, worst_gap  # a 0.3 s step never held the loop
+        assert sum(len(o.new_token_ids) for o in a) == 3 and sum(len(o.new_token_ids) for o in b) == 3
+    finally:
+        runner._stopped = True
+        runner._thread.join(5)
+
+
+def test_async_engine_checks_requests_before_queueing(executor):
+    runner = AsyncEngine(make_engine(executor, max_waiting=0))
+
+    async def first(rid, **params):
+        async for out in runner.generate(rid, [1, 2], SamplingParams(**params)):
+            return out
+
+    try:
+        with pytest.raises(QueueFull):
+            asyncio.run(first("q", max_tokens=2))
+        with pytest.raises(EngineError, match="temperature"):
+            asyncio.run(first("t", temperature=-1.0))
+    finally:
+        runner._stopped = True
+        runner._thread.join(5)
