@@ -10,6 +10,7 @@ strings and detokenization belong to the ingress.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
@@ -410,8 +411,16 @@ class AsyncEngine:
         return await asyncio.to_thread(run)
 
     def stats(self) -> EngineStats:
+        """A snapshot, taken without waiting for the step in progress (counts may be one step old)."""
+        for _ in range(3):
+            try:
+                current = self.engine.refresh_stats()
+                return dataclasses.replace(current, finished=dict(current.finished))
+            except RuntimeError:  # `finished` grew while being copied: take it again
+                continue
         with self._lock:
-            return self.engine.refresh_stats()
+            current = self.engine.refresh_stats()
+            return dataclasses.replace(current, finished=dict(current.finished))
 
     def shutdown(self) -> None:
         self._stopped = True
