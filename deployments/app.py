@@ -13,6 +13,7 @@
           dtype: null               # default: the checkpoint's torch_dtype
           device: null              # default: cuda when present, else cpu
           kv_cache_memory: 268435456
+          gpu_memory_fraction: null # CUDA: KV cache = this fraction of free GPU memory after loading (overrides kv_cache_memory)
           block_size: 16
           engine: {max_model_len: 2048, max_num_seqs: 64, ...}   # EngineConfig fields
           deployment: {num_replicas: 1, user_config: {...}, ...} # Serve options of this Router
@@ -42,7 +43,8 @@ from deployments.http_ingress import bind as bind_http
 from deployments.router import Router
 
 DEMO_HEADS = ("causal_lm", "sequence_classification", "token_classification", "question_answering", "base")
-MODEL_KEYS = {"name", "path", "tp", "dtype", "device", "kv_cache_memory", "block_size", "engine", "deployment",
+MODEL_KEYS = {"name", "path", "tp", "dtype", "device", "kv_cache_memory", "gpu_memory_fraction", "block_size",
+              "engine", "deployment",
               "pooled_batch_wait_ms", "pooled_max_batch_size", "torch_threads", "num_replicas", "user_config",
               "ray_actor_options", "autoscaling_config", "max_ongoing_requests"}
 APP_KEYS = {"models", "api_key", "max_body_bytes", "request_timeout_s", "ingress", "limits"}
@@ -176,7 +178,8 @@ def build_app(args: dict) -> serve.Application:
         if m["name"] in routers:
             raise ValueError(f"duplicate model name {m['name']!r}")
         resolve_model_path(m["path"])  # fail early, and write demo checkpoints on the driver
-        kwargs = {k: m[k] for k in ("tp", "dtype", "device", "kv_cache_memory", "block_size", "engine",
+        kwargs = {k: m[k] for k in ("tp", "dtype", "device", "kv_cache_memory", "gpu_memory_fraction", "block_size",
+                                    "engine",
                                     "pooled_batch_wait_ms", "pooled_max_batch_size", "torch_threads")
                   if m.get(k) is not None}
         routers[m["name"]] = _router_deployment().options(name=f"router-{m['name']}", **_router_options(m)).bind(

@@ -63,6 +63,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda when present, else cpu)")
     g.add_argument("--kv-cache-memory", type=int, default=256 << 20,
                    help="KV cache bytes per replica (default: %(default)s)")
+    g.add_argument("--gpu-memory-fraction", type=float, default=None,
+                   help="CUDA only: size the KV cache as this fraction (0-1] of the GPU memory free after "
+                        "loading the weights, instead of --kv-cache-memory")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: %(default)s)")
     g.add_argument("--max-model-len", type=int, default=None,
                    help="context length (default: the model's max_position_embeddings)")
@@ -130,6 +133,7 @@ def app_args_for_run(args) -> dict:
     for name, path in zip(names, args.model):
         models.append({"name": name, "path": path, "tp": args.tp, "dtype": args.dtype, "device": args.device,
                        "kv_cache_memory": args.kv_cache_memory, "block_size": args.block_size,
+                       "gpu_memory_fraction": args.gpu_memory_fraction,
                        "engine": _engine_options(args), "num_replicas": args.replicas})
     return _with_server_args({"models": models}, args)
 

@@ -88,7 +88,7 @@ class Router:
     def __init__(self, model_name: str, model_path: str, tp: int = 1, dtype: str | None = None,
                  device: str | None = None, kv_cache_memory: int = 256 << 20, block_size: int = 16,
                  engine: dict | None = None, pooled_batch_wait_ms: float = 5.0, pooled_max_batch_size: int = 32,
-                 torch_threads: int | None = None):
+                 torch_threads: int | None = None, gpu_memory_fraction: float = 0.0):
         from deployments.app import resolve_model_path
         from qwen2_model.engine.engine import AsyncEngine, Engine, EngineConfig
 
@@ -105,11 +105,13 @@ class Router:
                 raise RuntimeError(f"model {model_name!r}: tp={tp} needs deployments.workers.RayExecutor, which "
                                    f"is not available ({exc}); use tp=1") from exc
             executor = RayExecutor(self.model_path, tp=tp, dtype=dtype, device=device,
-                                   kv_cache_memory=kv_cache_memory, block_size=block_size)
+                                   kv_cache_memory=kv_cache_memory, block_size=block_size,
+                                   gpu_memory_fraction=gpu_memory_fraction)
         else:
             from qwen2_model.engine.executor import LocalExecutor
             executor = LocalExecutor(self.model_path, dtype=dtype, device=device,
-                                     kv_cache_memory=kv_cache_memory, block_size=block_size)
+                                     kv_cache_memory=kv_cache_memory, block_size=block_size,
+                                     gpu_memory_fraction=gpu_memory_fraction)
         known = {f.name for f in dataclasses.fields(EngineConfig)}
         unknown = set(engine or {}) - known
         if unknown:

@@ -101,7 +101,8 @@ class TPWorker:
         return ray.util.get_node_ip_address(), port
 
     def init(self, master_addr: str, master_port: int, model_path: str, dtype: str | None, device: str,
-             kv_cache_memory: int, block_size: int, attn_backend: str | None, num_threads: int) -> dict:
+             kv_cache_memory: int, block_size: int, attn_backend: str | None, num_threads: int,
+             gpu_memory_fraction: float = 0.0) -> dict:
         import torch.distributed as dist
 
         from qwen2_model.engine.executor import kv_blocks_for_budget
@@ -126,7 +127,8 @@ class TPWorker:
         blocks = 0
         if type(self.model).__name__ == "Qwen2ForCausalLM":
             blocks = kv_blocks_for_budget(self.config, kv_cache_memory, block_size, base_model(self.model).dtype,
-                                          tp=self.world_size, device=self.device)
+                                          tp=self.world_size, device=self.device,
+                                          gpu_memory_fraction=gpu_memory_fraction)
         # Every rank must index the same blocks: agree on the smallest count.
         agreed = torch.tensor([blocks], dtype=torch.int64, device=self.device)
         if self.world_size > 1:
@@ -266,11 +268,12 @@ class WorkerGroup:
         self.alive = True
 
     def start(self, model_path: str, dtype: str | None, device: str, kv_cache_memory: int, block_size: int,
-              attn_backend: str | None, timeout_s: float | None = 600.0) -> list[dict]:
+              attn_backend: str | None, timeout_s: float | None = 600.0, gpu_memory_fraction: float = 0.0
+              ) -> list[dict]:
         """Rendezvous and load: every rank's info() dict, rank order."""
         addr, port = self.gather([self.actors[0].address.remote()], timeout_s=60.0, what="rendezvous")[0]
         refs = [a.init.remote(addr, port, str(model_path), dtype, device, kv_cache_memory, block_size, attn_backend,
-                              self.num_threads) for a in self.actors]
+                              self.num_threads, gpu_memory_fraction) for a in self.actors]
         return self.gather(refs, timeout_s=timeout_s, what="start-up")
 
     def call(self, method: str, *args, timeout_s: float | None = None) -> list:
@@ -379,11 +382,13 @@ class RayExecutor:
 
     def __init__(self, model_path: str | Path, tp: int = 1, dtype: str | None = None, device: str | None = None,
                  kv_cache_memory: int = 256 << 20, block_size: int = 16, attn_backend: str | None = None,
-                 cpus_per_worker: int = 1, step_timeout_s: float | None = None, startup_timeout_s: float = 600.0):
+                 cpus_per_worker: int = 1, step_timeout_s: float | None = None, startup_timeout_s: float = 600.0,
+                 gpu_memory_fraction: float = 0.0):
         self.model_path = str(model_path)
         self.tp = tp
         self.dtype = dtype
         self.kv_cache_memory = kv_cache_memory
+        self.gpu_memory_fraction = gpu_memory_fraction
         self.block_size = block_size
         self.attn_backend = attn_backend
         self.cpus_per_worker = cpus_per_worker
@@ -423,7 +428,8 @@ class RayExecutor:
         self.group = WorkerGroup(self.tp, self.use_gpu, self.cpus_per_worker, runtime_env=_repo_runtime_env())
         try:
             self.worker_infos = self.group.start(self.model_path, self.dtype, self.device, self.kv_cache_memory,
-                                                 self.block_size, self.attn_backend, self.startup_timeout_s)
+                                                 self.block_size, self.attn_backend, self.startup_timeout_s,
+                                                 self.gpu_memory_fraction)
         except BaseException:
             self.group.shutdown()
             raise

@@ -31,11 +31,14 @@ class Executor(Protocol):
 
 def kv_blocks_for_budget(config: Qwen2Config, kv_cache_memory: int, block_size: int, dtype: torch.dtype,
                          tp: int = 1, device: str | torch.device = "cpu", gpu_memory_fraction: float = 0.0) -> int:
-    """How many blocks fit: `kv_cache_memory` bytes, or (CUDA) a fraction of free GPU memory."""
+    """How many blocks fit: `kv_cache_memory` bytes or, on CUDA with `gpu_memory_fraction` set, that
+    fraction of the GPU memory still free after the weights loaded (it then takes precedence)."""
+    if gpu_memory_fraction and not 0 < gpu_memory_fraction <= 1:
+        raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {gpu_memory_fraction}")
     kv_heads = max(1, config.num_key_value_heads // tp)
     per_block = PagedKVCache.bytes_per_block(config.num_hidden_layers, block_size, kv_heads, config.head_dim, dtype)
     budget = kv_cache_memory
-    if not budget and gpu_memory_fraction and torch.device(device).type == "cuda":
+    if gpu_memory_fraction and torch.device(device).type == "cuda":
         free, _ = torch.cuda.mem_get_info(torch.device(device))
         budget = int(free * gpu_memory_fraction)
     blocks = budget // per_block

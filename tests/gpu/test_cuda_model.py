@@ -43,3 +43,10 @@ def test_engine_on_cuda_matches_cpu_engine(checkpoint):
     gpu = Engine(LocalExecutor(checkpoint, dtype="float32", device="cuda")).generate_all(prompts, params)
     cpu = Engine(LocalExecutor(checkpoint, dtype="float32", device="cpu")).generate_all(prompts, params)
     assert gpu == cpu
+
+
+def test_kv_cache_sized_from_free_gpu_memory(checkpoint):
+    small = LocalExecutor(checkpoint, device="cuda", gpu_memory_fraction=0.05)
+    large = LocalExecutor(checkpoint, device="cuda", gpu_memory_fraction=0.10)
+    assert small.num_kv_blocks > 0
+    assert 1.8 < large.num_kv_blocks / small.num_kv_blocks < 2.2

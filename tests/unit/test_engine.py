@@ -338,3 +338,20 @@ def test_async_engine_checks_requests_before_queueing(executor):
     finally:
         runner._stopped = True
         runner._thread.join(5)
+
+
+def test_kv_capacity_from_a_byte_budget(executor):
+    from qwen2_model.engine.executor import kv_blocks_for_budget
+
+    cfg = executor.config
+    per_block = PagedKVCache.bytes_per_block(cfg.num_hidden_layers, 16, cfg.num_key_value_heads, cfg.head_dim,
+                                             torch.float32)
+    assert kv_blocks_for_budget(cfg, 10 * per_block + 1, 16, torch.float32) == 10
+    # tp=2 halves a rank's KV heads, so the same bytes hold twice the blocks
+    assert kv_blocks_for_budget(cfg, 10 * per_block, 16, torch.float32, tp=2) == 20
+    # the GPU fraction only applies on CUDA; on CPU the byte budget stands
+    assert kv_blocks_for_budget(cfg, 10 * per_block, 16, torch.float32, gpu_memory_fraction=0.5) == 10
+    with pytest.raises(ValueError, match="gpu_memory_fraction"):
+        kv_blocks_for_budget(cfg, per_block, 16, torch.float32, gpu_memory_fraction=1.5)
+    with pytest.raises(ValueError, match="holds no KV block"):
+        kv_blocks_for_budget(cfg, per_block - 1, 16, torch.float32)
