@@ -175,6 +175,10 @@ class Router:
                                       f"run task {task!r}", param="model")
         if not token_ids:
             return []
+        try:  # this request's own inputs, before it shares a forward with others
+            self.engine.validate_pooled(token_ids)
+        except Exception as exc:
+            raise map_engine_error(exc) from None
         if self._pooled_task is None or self._pooled_task.done():
             self._pooled_queue = asyncio.Queue()
             self._pooled_task = asyncio.get_running_loop().create_task(self._pooled_loop())

@@ -135,6 +135,10 @@ class Engine:
         if bad:
             raise EngineError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})",
                               param="prompt")
+        bad = [t for t in params.stop_token_ids if not (0 <= t < self.vocab_size)]
+        if bad:  # the sampler indexes logits with them: an id past the vocabulary would hit another row
+            raise EngineError(f"stop_token_ids: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})",
+                              param="stop_token_ids")
         total = len(prompt_token_ids) + params.max_tokens
         if total > self.max_model_len:
             raise EngineError(f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) = "
@@ -278,8 +282,9 @@ class Engine:
 
     # --- one-shot heads ------------------------------------------------------------------------
 
-    def run_pooled(self, req: PooledInput) -> list:
-        for ids in req.token_ids:
+    def validate_pooled(self, token_ids: list[list[int]]) -> None:
+        """Checks one pooled request's inputs (before it joins a batch with others)."""
+        for ids in token_ids:
             if not ids:
                 raise EngineError("input must contain at least one token", param="input")
             if len(ids) > self.max_model_len:
@@ -287,7 +292,11 @@ class Engine:
                                   f"{self.max_model_len}", param="input", code="context_length_exceeded")
             bad = [t for t in ids if not (0 <= t < self.vocab_size)]
             if bad:
-                raise EngineError(f"token id {bad[0]} is outside the vocabulary", param="input")
+                raise EngineError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})",
+                                  param="input")
+
+    def run_pooled(self, req: PooledInput) -> list:
+        self.validate_pooled(req.token_ids)
         return self.executor.run_pooled(req)
 
     def generate_all(self, prompts: dict[str, list[int]], params: SamplingParams | dict[str, SamplingParams]) -> dict[str, list[list[int]]]:

@@ -312,6 +312,30 @@ def test_embeddings(client, serve_app):
     assert raw.json()["data"][0]["embedding"] == pytest.approx(vec, abs=1e-5)
 
 
+def test_bad_input_fails_only_its_own_request(serve_app):
+    """A pooled request with an out-of-vocabulary id gets its 400; requests micro-batched with it
+    succeed; and a generation with an out-of-vocabulary stop token id is refused before it can reach
+    the sampler, leaving the engine healthy."""
+    async def run_all():
+        async with httpx.AsyncClient(base_url=serve_app.http_url, headers=serve_app.headers, timeout=60) as c:
+            return await asyncio.gather(
+                c.post("/v1/embeddings", json={"model": serve_app.generate_model, "input": [[1, 2, 99999]]}),
+                c.post("/v1/embeddings", json={"model": serve_app.generate_model, "input": "hello world"}),
+                c.post("/v1/embeddings", json={"model": serve_app.generate_model, "input": "hello again"}))
+    for _ in range(3):
+        bad, good1, good2 = asyncio.run(run_all())
+        assert bad.status_code == 400 and "outside the vocabulary" in error_of(bad)["message"]
+        assert good1.status_code == 200 and good2.status_code == 200
+    r = httpx.post(f"{serve_app.http_url}/v1/completions", headers=serve_app.headers,
+                   json={"model": serve_app.generate_model, "prompt": "hi", "max_tokens": 4, "min_tokens": 2,
+                         "stop_token_ids": [100000000]})
+    assert r.status_code == 400 and error_of(r)["param"] == "stop_token_ids"
+    ok = httpx.post(f"{serve_app.http_url}/v1/completions", headers=serve_app.headers,
+                    json={"model": serve_app.generate_model, "prompt": "hi", "max_tokens": 4})
+    assert ok.status_code == 200
+    assert httpx.get(f"{serve_app.http_url}/ready", timeout=30).status_code == 200
+
+
 def test_multi_model_side_by_side(serve_app):
     async def run_all():
         async with httpx.AsyncClient(base_url=serve_app.http_url, headers=serve_app.headers, timeout=60) as c:

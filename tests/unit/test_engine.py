@@ -222,6 +222,9 @@ def test_invalid_requests_name_the_field(executor):
         engine.add_request("c", [1], SamplingParams(temperature=-1))
     with pytest.raises(EngineError, match="at least one token"):
         engine.add_request("d", [], SamplingParams())
+    with pytest.raises(EngineError, match="stop_token_ids") as err:  # would index another row's logits
+        engine.add_request("s", [1], SamplingParams(stop_token_ids=[executor.config.vocab_size]))
+    assert err.value.param == "stop_token_ids"
     engine.add_request("e", [1], SamplingParams())
     with pytest.raises(EngineError, match="already in use"):
         engine.add_request("e", [1], SamplingParams())
