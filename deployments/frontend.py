@@ -222,6 +222,7 @@ class Frontend:
     def render_chat(self, model: str, messages: list[dict], tools=None, add_generation_prompt: bool = True,
                     **template_kwargs) -> str:
         entry = self.resolve(model, "generate")
+        template_kwargs.pop("chat_template", None)  # only the model's own template ever runs
         try:
             return entry.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
                                                        tools=tools, **template_kwargs)

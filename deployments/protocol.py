@@ -232,6 +232,21 @@ class ChatCompletionRequest(_SamplingRequest):
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
 
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_variables_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        # Extra variables for the model's own template. A template from the client is refused: it
+        # would run client code (sandboxed, but unbounded in time) on the ingress.
+        reserved = sorted(set(value or {}) & RESERVED_TEMPLATE_KWARGS)
+        if reserved:
+            raise ValueError(f"chat_template_kwargs may not set {reserved}: the chat template is the model's "
+                             f"own, and messages, tools and add_generation_prompt are request fields")
+        return value
+
+
+RESERVED_TEMPLATE_KWARGS = {"chat_template", "messages", "tools", "add_generation_prompt", "tokenize",
+                            "documents", "continue_final_message"}
+
 
 class ClassifyRequest(_Request):
     """POST /v1/classify (vLLM's shape)."""

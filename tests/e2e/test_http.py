@@ -336,6 +336,19 @@ def test_bad_input_fails_only_its_own_request(serve_app):
     assert httpx.get(f"{serve_app.http_url}/ready", timeout=30).status_code == 200
 
 
+def test_chat_template_kwargs_cannot_bring_a_template(serve_app):
+    for kwargs in ({"chat_template": "{{ raise_exception('ran') }}"}, {"tools": []}, {"add_generation_prompt": False}):
+        r = httpx.post(f"{serve_app.http_url}/v1/chat/completions", headers=serve_app.headers,
+                       json={"model": serve_app.generate_model, "messages": [{"role": "user", "content": "hi"}],
+                             "max_tokens": 2, "chat_template_kwargs": kwargs})
+        assert r.status_code == 400, r.text
+        assert error_of(r)["param"].startswith("chat_template_kwargs") and "ran" not in error_of(r)["message"]
+    ok = httpx.post(f"{serve_app.http_url}/v1/chat/completions", headers=serve_app.headers,
+                    json={"model": serve_app.generate_model, "messages": [{"role": "user", "content": "hi"}],
+                          "max_tokens": 2, "chat_template_kwargs": {"enable_thinking": False}})
+    assert ok.status_code == 200
+
+
 def test_multi_model_side_by_side(serve_app):
     async def run_all():
         async with httpx.AsyncClient(base_url=serve_app.http_url, headers=serve_app.headers, timeout=60) as c:
