@@ -39,7 +39,9 @@ def _add_server_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default: %(default)s; 0.0.0.0 to expose)")
     g.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
-    g.add_argument("--grpc-port", type=int, default=9000, help="gRPC port (default: %(default)s)")
+    g.add_argument("--grpc-port", type=int, default=9000,
+                   help="gRPC port (default: %(default)s; 0 turns gRPC off). Ray Serve's gRPC proxy listens on "
+                        "all interfaces (it has no bind address): set --api-key on a shared network")
     g.add_argument("--api-key", default=os.environ.get("QWEN2_SERVE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on every route but /health and /ready "
                         "(default: $QWEN2_SERVE_API_KEY, or no key)")
@@ -160,6 +162,10 @@ def curl_line(args, model: str = "qwen2-demo") -> str:
             f"-d {shlex.quote(body)}")
 
 
+def grpc_address(args) -> str:
+    return f"gRPC {args.host}:{args.grpc_port}" if args.grpc_port else "gRPC off"
+
+
 def grpc_line(args, model: str = "qwen2-demo") -> str:
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     key = f" --api-key {shlex.quote(args.api_key)}" if args.api_key else ""
@@ -185,8 +191,8 @@ def serve_and_block(app_args: dict, args, banner) -> int:
         signal.signal(sig, lambda *_: stop.set())
     ray.init(**init_kwargs)
     try:
-        serve.start(http_options={"host": args.host, "port": args.port},
-                    grpc_options={"port": args.grpc_port, "grpc_servicer_functions": GRPC_SERVICERS})
+        grpc_options = {"port": args.grpc_port, "grpc_servicer_functions": GRPC_SERVICERS if args.grpc_port else []}
+        serve.start(http_options={"host": args.host, "port": args.port}, grpc_options=grpc_options)
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
         banner()
         if args.address:
@@ -194,6 +200,10 @@ def serve_and_block(app_args: dict, args, banner) -> int:
                   flush=True)
         else:
             print(f"Prometheus metrics: http://127.0.0.1:{args.metrics_port}/metrics", flush=True)
+        if args.grpc_port and not args.api_key:
+            print(f"Note: gRPC port {args.grpc_port} listens on all interfaces (Ray Serve's gRPC proxy has no bind "
+                  f"address) and no API key is set: use --api-key, or --grpc-port 0, on a shared network.",
+                  flush=True)
         print("Press Ctrl-C to stop.", flush=True)
         while not stop.wait(0.5):
             pass
@@ -211,12 +221,12 @@ def cmd_demo(args) -> int:
     app_args = app_args_for_demo(args)
 
     def banner():
-        print(f"qwen2-serve demo is up: HTTP http://{args.host}:{args.port}  gRPC {args.host}:{args.grpc_port}",
-              flush=True)
+        print(f"qwen2-serve demo is up: HTTP http://{args.host}:{args.port}  {grpc_address(args)}", flush=True)
         print("Models: " + ", ".join(name for name, _ in DEMO_MODELS) + " (tiny random weights: the text is noise)")
         print("Try:")
         print(f"  {curl_line(args)}")
-        print(f"  {grpc_line(args)}", flush=True)
+        if args.grpc_port:
+            print(f"  {grpc_line(args)}", flush=True)
 
     return serve_and_block(app_args, args, banner)
 
@@ -226,7 +236,7 @@ def cmd_run(args) -> int:
     first = app_args["models"][0]["name"]
 
     def banner():
-        print(f"qwen2-serve is up: HTTP http://{args.host}:{args.port}  gRPC {args.host}:{args.grpc_port}", flush=True)
+        print(f"qwen2-serve is up: HTTP http://{args.host}:{args.port}  {grpc_address(args)}", flush=True)
         print("Models: " + ", ".join(m["name"] for m in app_args["models"]))
         print("Try:")
         print(f"  {curl_line(args, first)}", flush=True)
