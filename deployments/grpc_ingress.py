@@ -30,6 +30,7 @@ them without Ray.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
@@ -551,13 +552,16 @@ class GrpcIngressMixin:
     # once add_HealthServicer_to_server is among the servicer functions. No API key: probes
     # (kubelet, grpc_health_probe) do not send one.
 
-    def _health_status(self, service: str) -> int | None:
+    async def _health_status(self, service: str) -> int | None:
+        """SERVING when every model's Router answers (its engine alive), as HTTP /ready."""
         from grpc_health.v1 import health_pb2
 
         if service not in ("", SERVICE_NAME):
             return None
         try:
-            ready = bool(self.frontend.list_models())
+            for m in self.frontend.models:
+                await asyncio.wait_for(m.router.info.remote(), 10)
+            ready = bool(self.frontend.models)
         except Exception:  # noqa: BLE001
             ready = False
         return health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -565,7 +569,7 @@ class GrpcIngressMixin:
     async def Check(self, request: Any, grpc_context: Any = None) -> Any:
         from grpc_health.v1 import health_pb2
 
-        status = self._health_status(request.service)
+        status = await self._health_status(request.service)
         if status is None:
             if grpc_context is not None:
                 grpc_context.set_code(grpc.StatusCode.NOT_FOUND)
@@ -577,7 +581,7 @@ class GrpcIngressMixin:
         """One message with the current status, then the stream ends (clients re-Watch)."""
         from grpc_health.v1 import health_pb2
 
-        status = self._health_status(request.service)
+        status = await self._health_status(request.service)
         if status is None:
             status = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
         yield health_pb2.HealthCheckResponse(status=status)

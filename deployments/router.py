@@ -239,6 +239,8 @@ class Router:
     # --- control -------------------------------------------------------------------------------
 
     def info(self) -> dict:
+        """The model's facts; raises UnavailableError when the engine died (so /ready says 503)."""
+        self._check_alive()
         cfg = self.engine.executor.config
         return {
             "name": self.model_name,

@@ -45,12 +45,26 @@ class Ctx:
         self.trailing = list(t)
 
 
+class FakeRouter:
+    """A Router handle whose info() answers, or fails like a dead engine."""
+
+    def __init__(self, alive=True):
+        self.alive = alive
+        self.info = self
+
+    async def remote(self):
+        if not self.alive:
+            raise RuntimeError("engine failed")
+        return {"architecture": "Qwen2ForCausalLM"}
+
+
 class FakeFrontend:
     api_key = None
 
     def __init__(self):
         self.calls = []
         self.closed = False
+        self.models = [ModelEntry("m", path="", task="generate", tokenizer=None, router=FakeRouter(), max_model_len=64)]
 
     def resolve(self, model, task=None):
         if model not in (None, "m"):
@@ -335,6 +349,8 @@ def test_health_check():
     assert run(ing.Check(health_pb2.HealthCheckRequest(service=G.SERVICE_NAME), ctx)).status == 1
     run(ing.Check(health_pb2.HealthCheckRequest(service="other"), ctx))
     assert ctx.code == grpc.StatusCode.NOT_FOUND
+    ing.frontend.models[0].router.alive = False  # a Router whose engine died
+    assert run(ing.Check(health_pb2.HealthCheckRequest(), Ctx())).status == health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 # ---------------------------------------------------------------------------------------------
