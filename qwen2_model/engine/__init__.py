@@ -1,0 +1,3 @@
+"""The serving engine: paged KV cache, continuous batching, sampling, executors. Token ids in and out;
+no tokenizer, no Ray.
+"""
