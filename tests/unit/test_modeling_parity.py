@@ -88,7 +88,7 @@ def test_fp32_logits_match_transformers(tmp_path, head, config_name):
     compare(a, b, mask, head, atol=1e-4)
 
 
-@pytest.mark.parametrize("head", ["causal_lm", "seq_cls", "qa"])
+@pytest.mark.parametrize("head", ["causal_lm", "seq_cls", "tok_cls", "qa"])
 def test_bf16_logits_within_bf16_tolerance(tmp_path, head):
     ref = save_hf(tmp_path, head, dtype=torch.bfloat16)
     ours = from_pretrained(tmp_path)  # dtype from config.json
@@ -137,3 +137,19 @@ def test_qwen2_0_5b_shape_matches_transformers(tmp_path):
         expected = ref.generate(ids[:1, :8], max_new_tokens=16, do_sample=False, eos_token_id=None,
                                 min_new_tokens=16)[0, 8:].tolist()
     assert greedy_generate(ours, prompt, 16) == expected
+
+
+def test_attention_backend_choice(tmp_path, caplog):
+    import logging
+
+    from qwen2_model.layers import pick_backend
+
+    save_hf(tmp_path, "causal_lm")
+    with caplog.at_level(logging.INFO, logger="qwen2_model.layers"):
+        model = from_pretrained(tmp_path)  # auto: SDPA without CUDA + flash-attn
+    assert model.model.attn_backend == "sdpa"
+    assert "attention backend: sdpa" in caplog.text
+    with pytest.raises(ValueError, match="flash-attn"):
+        pick_backend("flash", "cpu")
+    with pytest.raises(ValueError, match="attn_backend"):
+        pick_backend("eager", "cpu")
