@@ -25,6 +25,7 @@ from typing import Any, AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments import metrics
 from deployments.frontend import Frontend, Usage, to_serve_error
@@ -131,6 +132,15 @@ async def _serve_error(request: Request, exc: ServeError):
 @app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError):
     return error_response(validation_error_to_serve_error(exc))
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    """Unknown route (404) or method (405): the same OpenAI error body as every other error."""
+    kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
+    body = {"error": {"message": f"{request.method} {request.url.path}: {exc.detail}", "type": kind,
+                      "param": None, "code": exc.status_code}}
+    return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
 @app.exception_handler(Exception)

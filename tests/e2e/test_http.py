@@ -353,6 +353,13 @@ def test_chat_template_kwargs_cannot_bring_a_template(serve_app):
     assert ok.status_code == 200
 
 
+def test_unknown_route_and_method_get_the_error_body(serve_app):
+    r = httpx.get(f"{serve_app.http_url}/v1/nope", headers=serve_app.headers)
+    assert r.status_code == 404 and "/v1/nope" in error_of(r)["message"]
+    r = httpx.get(f"{serve_app.http_url}/v1/completions", headers=serve_app.headers)
+    assert r.status_code == 405 and error_of(r)["type"] == "invalid_request_error"
+
+
 def test_multi_model_side_by_side(serve_app):
     async def run_all():
         async with httpx.AsyncClient(base_url=serve_app.http_url, headers=serve_app.headers, timeout=60) as c:
