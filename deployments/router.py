@@ -269,6 +269,7 @@ class Router:
         out["pooled_batches"] = self.pooled_batches
         out["pooled_max_batch"] = self.pooled_max_batch
         out["pid"] = os.getpid()
+        out["tp_worker_pids"] = [w.get("pid") for w in getattr(self.engine.executor, "worker_infos", [])]
         return out
 
     def reconfigure(self, user_config: dict) -> None:

@@ -239,17 +239,55 @@ def test_serve_router_with_tp2_placement_group_serves_same_greedy_text(ckpts):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         serve.run(build_app({"models": [{"name": "tp2", "path": str(path), "tp": 2, "kv_cache_memory": KV,
-                                         "torch_threads": 1}]}), name="tp2-app", route_prefix="/")
+                                         "torch_threads": 1, "deployment": {"health_check_period_s": 1}}]}),
+                  name="tp2-app", route_prefix="/")
         body = {"model": "tp2", "prompt": prompt, "max_tokens": GREEDY.max_tokens, "temperature": 0,
                 "ignore_eos": True}
         reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=120)
         assert reply.status_code == 200, reply.text
         assert reply.json()["choices"][0]["text"] == tokenizer.decode(expected_ids, skip_special_tokens=True)
         assert reply.json()["usage"]["completion_tokens"] == GREEDY.max_tokens
-        info = serve.get_deployment_handle("router-tp2", app_name="tp2-app").info.remote().result(timeout_s=30)
+        router = serve.get_deployment_handle("router-tp2", app_name="tp2-app")
+        info = router.info.remote().result(timeout_s=30)
         assert info["tp"] == 2
         groups = [g for g in ray.util.placement_group_table().values() if g["state"] == "CREATED"]
         # the Router replica's own group: its bundle plus one per TP worker, packed on one node
         assert any(len(g["bundles"]) == 3 and g["strategy"] == "STRICT_PACK" for g in groups), groups
+        assert_worker_death_gives_503_then_serve_recovers(port, router, body)
     finally:
         serve.shutdown()
+
+
+def assert_worker_death_gives_503_then_serve_recovers(port, router, body):
+    """Kill a TP worker under a streaming request: the client gets a clear 503 (UNAVAILABLE) fast, and
+    Serve's health check replaces the Router replica with a new worker group."""
+    import json
+    import os
+    import signal
+
+    import httpx
+
+    before = router.stats.remote().result(timeout_s=30)
+    assert len(before["tp_worker_pids"]) == 2
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    long_body = {**body, "max_tokens": 900, "stream": True}
+    with httpx.stream("POST", url, json=long_body, timeout=60) as stream:
+        lines = stream.iter_lines()
+        assert next(line for line in lines if line.startswith("data:"))  # generating
+        killed_at = time.monotonic()
+        os.kill(before["tp_worker_pids"][1], signal.SIGKILL)
+        events = [json.loads(line[5:]) for line in lines if line.startswith("data:") and "[DONE]" not in line]
+    assert time.monotonic() - killed_at < 10
+    errors = [e["error"] for e in events if "error" in e]
+    assert len(errors) == 1 and errors[0]["code"] == "unavailable", events[-3:]
+    assert "rank 1" in errors[0]["message"], errors[0]  # names the worker that died
+    deadline = time.monotonic() + 120
+    while True:  # Serve's health check fails, the replica (and its worker group) is replaced
+        reply = httpx.post(url, json=body, timeout=60)
+        if reply.status_code == 200:
+            break
+        assert reply.status_code == 503, reply.text
+        assert time.monotonic() < deadline, "the Router replica was not replaced"
+        time.sleep(1)
+    after = router.stats.remote().result(timeout_s=30)
+    assert after["pid"] != before["pid"] and set(after["tp_worker_pids"]).isdisjoint(before["tp_worker_pids"])
