@@ -50,6 +50,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_n: int = 16
     max_logprobs: int = 20
+    # Pooled (classify / embed / QA) forwards are padded batches: cap their size in padded tokens.
+    max_pooled_batch_tokens: int = 16384
 
 
 @dataclass
@@ -296,8 +298,22 @@ class Engine:
                                   param="input")
 
     def run_pooled(self, req: PooledInput) -> list:
+        """One padded forward per sub-batch of at most `max_pooled_batch_tokens` padded tokens
+        (inputs sorted by length so little is padding); results in input order."""
         self.validate_pooled(req.token_ids)
-        return self.executor.run_pooled(req)
+        order = sorted(range(len(req.token_ids)), key=lambda i: len(req.token_ids[i]))
+        results: list = [None] * len(order)
+        chunk: list[int] = []
+        for i in order + [None]:
+            longest = len(req.token_ids[i]) if i is not None else 0  # ascending: the newcomer is the longest
+            if chunk and (i is None or longest * (len(chunk) + 1) > self.config.max_pooled_batch_tokens):
+                sub = dataclasses.replace(req, token_ids=[req.token_ids[j] for j in chunk])
+                for j, out in zip(chunk, self.executor.run_pooled(sub)):
+                    results[j] = out
+                chunk = []
+            if i is not None:
+                chunk.append(i)
+        return results
 
     def generate_all(self, prompts: dict[str, list[int]], params: SamplingParams | dict[str, SamplingParams]) -> dict[str, list[list[int]]]:
         """Offline helper: run requests to completion; request id -> token ids per choice."""

@@ -358,3 +358,17 @@ def test_kv_capacity_from_a_byte_budget(executor):
         kv_blocks_for_budget(cfg, per_block, 16, torch.float32, gpu_memory_fraction=1.5)
     with pytest.raises(ValueError, match="holds no KV block"):
         kv_blocks_for_budget(cfg, per_block - 1, 16, torch.float32)
+
+
+def test_pooled_batches_are_split_by_padded_tokens(tmp_path):
+    ck = write_random_checkpoint(tmp_path, head="sequence_classification")
+    ex = LocalExecutor(ck)
+    calls = []
+    real = ex.run_pooled
+    ex.run_pooled = lambda req: calls.append([len(t) for t in req.token_ids]) or real(req)
+    inputs = [[5] * n for n in (30, 3, 12, 7, 25, 4)]
+    small = Engine(ex, EngineConfig(max_pooled_batch_tokens=40))
+    split = small.run_pooled(PooledInput("classify", inputs))
+    assert all(len(c) * max(c) <= 40 for c in calls) and len(calls) > 1
+    one_by_one = [Engine(ex).run_pooled(PooledInput("classify", [ids]))[0] for ids in inputs]
+    torch.testing.assert_close(torch.tensor(split), torch.tensor(one_by_one), atol=1e-5, rtol=0)
