@@ -234,6 +234,15 @@ class PagedAttentionBatch:
             out[rows] = o.reshape(B, Hq, D)
         for i, seq in enumerate(self.prefills):
             n, slots = seq.count, self._prefill_slots[i]
+            if seq.context_len == n and (sliding_window is None or sliding_window >= n):
+                # A prompt's first chunk sees only itself: plain causal attention over the new K/V,
+                # no gather, no mask (SDPA's causal kernel, ~1.6x faster than the masked call on CPU).
+                o = torch.nn.functional.scaled_dot_product_attention(
+                    q[seq.start:seq.start + n].transpose(0, 1)[None], k[seq.start:seq.start + n].transpose(0, 1)[None],
+                    v[seq.start:seq.start + n].transpose(0, 1)[None], is_causal=True, scale=scale,
+                    enable_gqa=groups > 1)  # [1, Hq, n, D]
+                out[seq.start:seq.start + n] = o[0].transpose(0, 1)
+                continue
             qp = q[seq.start:seq.start + n].view(n, Hkv, groups, D).permute(1, 2, 0, 3).reshape(1, Hkv, groups * n, D)
             kp = gather_slots(k_cache, slots).transpose(0, 1)[None]  # [1, Hkv, L, D]
             vp = gather_slots(v_cache, slots).transpose(0, 1)[None]
