@@ -217,7 +217,12 @@ class DenseAttention:
         qb = q.view(B, S, *q.shape[1:]).transpose(1, 2)  # [B, Hq, S, D]
         kb = k.view(B, S, *k.shape[1:]).transpose(1, 2)  # [B, Hkv, S, D]
         vb = v.view(B, S, *v.shape[1:]).transpose(1, 2)
-        out = sdpa(qb, kb, vb, self._mask(sliding_window, q.device), scale)  # [B, Hq, S, D]
+        if self.key_padding_mask is None and (sliding_window is None or sliding_window >= S):
+            # No padding, no window in reach: SDPA's causal kernel, no mask, KV heads not expanded.
+            out = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale,
+                                                 enable_gqa=kb.shape[1] != qb.shape[1])
+        else:
+            out = sdpa(qb, kb, vb, self._mask(sliding_window, q.device), scale)  # [B, Hq, S, D]
         return out.transpose(1, 2).reshape(B * S, *q.shape[1:])
 
 
