@@ -209,7 +209,7 @@ class StepProfiler:
             s = time.perf_counter()
             out = orig_step()
             dt = time.perf_counter() - s
-            sched = engine.stats.last_batch_tokens, engine.stats.last_step_prefill_tokens
+            sched = engine.last_step.num_tokens, engine.last_step.prefill_tokens
             kind = "mixed" if sched[1] else "decode"
             self.steps[kind][0] += 1
             self.steps[kind][1] += dt

@@ -81,10 +81,6 @@ class EngineStats:
     preemptions: int = 0
     steps: int = 0
     max_batch_seqs: int = 0  # largest number of sequences in one step so far
-    last_batch_seqs: int = 0
-    last_batch_tokens: int = 0
-    last_step_seconds: float = 0.0
-    last_step_prefill_tokens: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0
     finished: dict[str, int] = field(default_factory=dict)
@@ -117,6 +113,7 @@ class Engine:
         self.requests: dict[str, list[Sequence]] = {}
         self._finished_seq_ids: list[int] = []
         self.stats = EngineStats(num_kv_blocks=self.blocks.num_blocks)
+        self.last_step: StepRecord | None = None
         # Called with a StepRecord at the end of every step that ran the model (in the step thread,
         # under AsyncEngine's lock: keep them cheap). An observer that raises is logged and skipped.
         self.step_observers: list[Callable[[StepRecord], None]] = []
@@ -184,7 +181,7 @@ class Engine:
 
     def _seq_step(self, item: ScheduledSeq) -> SeqStep:
         seq, n = item.seq, item.num_new_tokens
-        tokens = seq.all_token_ids[seq.num_computed:seq.num_computed + n]
+        tokens = seq.token_slice(seq.num_computed, seq.num_computed + n)
         step = SeqStep(seq.seq_id, tokens, seq.num_computed, list(seq.block_table), item.samples)
         if item.samples:
             p = seq.params
@@ -200,9 +197,8 @@ class Engine:
         start = time.perf_counter()
         start_mono = time.monotonic()  # the scheduler stamps first_scheduled_time with monotonic()
         scheduled = self.scheduler.schedule()
-        # decode = one new token for a sequence whose earlier tokens are all computed (before the step)
-        decodes = [bool(i.seq.output_token_ids) and i.num_new_tokens == 1 and i.seq.num_computed + 1 == i.seq.num_tokens
-                   for i in scheduled] if self.step_observers else []
+        # decode = the one new token after a generated one (judged before the step advances counts)
+        decodes = [i.num_new_tokens == 1 and i.samples and bool(i.seq.output_token_ids) for i in scheduled]
         step_input = StepInput([self._seq_step(item) for item in scheduled], self._finished_seq_ids)
         self._finished_seq_ids = []
         if not scheduled:
@@ -224,19 +220,20 @@ class Engine:
             if reason:
                 self._finish(seq, reason)
             outputs.append(self._output(seq, [token], [logprob]))
-        self._record(scheduled, time.perf_counter() - start)
-        if self.step_observers and len(decodes) == len(scheduled):
-            self._notify(scheduled, decodes, start_mono)
-        return outputs
-
-    def _notify(self, scheduled: list[ScheduledSeq], decodes: list[bool], start_mono: float) -> None:
-        s = self.stats
-        record = StepRecord(
-            seconds=s.last_step_seconds, num_seqs=len(scheduled), num_tokens=s.last_batch_tokens,
+        self._record(StepRecord(
+            seconds=time.perf_counter() - start, num_seqs=len(scheduled),
+            num_tokens=sum(i.num_new_tokens for i in scheduled),
             prefill_tokens=sum(i.num_new_tokens for i, d in zip(scheduled, decodes) if not d),
             decode_seqs=sum(decodes),
             queue_times=[i.seq.first_scheduled_time - i.seq.arrival_time for i in scheduled
-                         if i.seq.first_scheduled_time is not None and i.seq.first_scheduled_time >= start_mono])
+                         if i.seq.first_scheduled_time is not None and i.seq.first_scheduled_time >= start_mono]))
+        return outputs
+
+    def _record(self, record: StepRecord) -> None:
+        self.last_step = record
+        self.stats.steps += 1
+        self.stats.max_batch_seqs = max(self.stats.max_batch_seqs, record.num_seqs)
+        self.refresh_stats()
         for observer in list(self.step_observers):
             try:
                 observer(record)
@@ -263,16 +260,6 @@ class Engine:
     def _output(self, seq: Sequence, tokens: list[int], logprobs: list) -> RequestOutput:
         return RequestOutput(seq.request_id, seq.index, tokens, logprobs, seq.finish_reason,
                              len(seq.prompt_token_ids), len(seq.output_token_ids))
-
-    def _record(self, scheduled: list[ScheduledSeq], seconds: float) -> None:
-        s = self.stats
-        s.steps += 1
-        s.last_batch_seqs = len(scheduled)
-        s.max_batch_seqs = max(s.max_batch_seqs, len(scheduled))
-        s.last_batch_tokens = sum(i.num_new_tokens for i in scheduled)
-        s.last_step_prefill_tokens = sum(i.num_new_tokens for i in scheduled if i.num_new_tokens > 1 or not i.samples)
-        s.last_step_seconds = seconds
-        self.refresh_stats()
 
     def refresh_stats(self) -> EngineStats:
         s = self.stats

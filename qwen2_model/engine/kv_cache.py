@@ -176,7 +176,7 @@ class PagedAttentionBatch:
         self.prefills = [s for s in seqs if s.count > 1]
         self.device = device
         self._decode_meta = self._build_decode_meta() if self.decodes else None
-        self._prefill_slots = [self._slots(s) for s in self.prefills]
+        self._prefill_slots: dict[int, torch.Tensor] = {}  # built on first use: fresh chunks need none
         self._masks: dict[tuple, torch.Tensor] = {}
 
     def _slots(self, seq: SeqSlice) -> torch.Tensor:
@@ -233,7 +233,7 @@ class PagedAttentionBatch:
                 qd, kd, vd, attn_mask=self._decode_mask(sliding_window), scale=scale)  # [B, Hkv, G, D]
             out[rows] = o.reshape(B, Hq, D)
         for i, seq in enumerate(self.prefills):
-            n, slots = seq.count, self._prefill_slots[i]
+            n = seq.count
             if seq.context_len == n and (sliding_window is None or sliding_window >= n):
                 # A prompt's first chunk sees only itself: plain causal attention over the new K/V,
                 # no gather, no mask (SDPA's causal kernel, ~1.6x faster than the masked call on CPU).
@@ -243,6 +243,9 @@ class PagedAttentionBatch:
                     enable_gqa=groups > 1)  # [1, Hq, n, D]
                 out[seq.start:seq.start + n] = o[0].transpose(0, 1)
                 continue
+            if i not in self._prefill_slots:
+                self._prefill_slots[i] = self._slots(seq)
+            slots = self._prefill_slots[i]
             qp = q[seq.start:seq.start + n].view(n, Hkv, groups, D).permute(1, 2, 0, 3).reshape(1, Hkv, groups * n, D)
             kp = gather_slots(k_cache, slots).transpose(0, 1)[None]  # [1, Hkv, L, D]
             vp = gather_slots(v_cache, slots).transpose(0, 1)[None]

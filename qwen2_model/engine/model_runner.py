@@ -100,9 +100,9 @@ class ModelRunner:
         for s in seqs:
             if s.seed is not None and s.seq_id not in self.generators:
                 self.generators[s.seq_id] = make_generator(s.seed, self.device)
-            outputs = s.output_token_ids if s.output_token_ids is not None else [0] * s.num_output_tokens
-            states.append(SequenceSamplingState(s.params, s.prompt_token_ids or [], outputs, self.eos_token_ids,
-                                                self.generators.get(s.seq_id)))
+            states.append(SequenceSamplingState(s.params, s.prompt_token_ids or [], s.output_token_ids or [],
+                                                self.eos_token_ids, self.generators.get(s.seq_id),
+                                                num_output_tokens=s.num_output_tokens))
         result = self.sampler(logits, states)
         return StepOutput({s.seq_id: (tok, lp) for s, tok, lp in zip(seqs, result.token_ids, result.logprobs)})
 

@@ -138,10 +138,13 @@ class SequenceSamplingState:
     output_token_ids: list[int]  # generated so far (penalties, min_tokens)
     eos_token_ids: list[int]  # from the model config; banned while output < min_tokens
     generator: torch.Generator | None = None  # from the seed; None when unseeded
+    # How many tokens were generated, when output_token_ids is not sent (no penalties need it).
+    num_output_tokens: int | None = None
 
     def banned_ids(self) -> list[int]:
         """Ids masked this step because min_tokens is not reached yet (empty when none)."""
-        if len(self.output_token_ids) >= self.params.min_tokens:
+        generated = len(self.output_token_ids) if self.num_output_tokens is None else self.num_output_tokens
+        if generated >= self.params.min_tokens:
             return []
         # With ignore_eos, EOS does not stop the sequence, so there is nothing to ban (vLLM).
         eos = [] if self.params.ignore_eos else list(self.eos_token_ids)

@@ -52,6 +52,15 @@ class Sequence:
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
+    def token_slice(self, start: int, stop: int) -> list[int]:
+        """Tokens [start, stop) of prompt + output, without building the whole concatenation."""
+        p = len(self.prompt_token_ids)
+        if stop <= p:
+            return self.prompt_token_ids[start:stop]
+        if start >= p:
+            return self.output_token_ids[start - p:stop - p]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:stop - p]
+
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
@@ -179,5 +188,8 @@ class Scheduler:
         for item in scheduled:
             seq = item.seq
             seq.num_computed += item.num_new_tokens
-            self.blocks.register_full_blocks(seq.block_table, seq.block_hashes, seq.all_token_ids,
-                                             seq.num_computed)
+            # Only when a block just filled up: most decode steps fill none.
+            if self.blocks.enable_prefix_caching and \
+                    seq.num_computed // self.blocks.block_size > len(seq.block_hashes):
+                self.blocks.register_full_blocks(seq.block_table, seq.block_hashes, seq.all_token_ids,
+                                                 seq.num_computed)

@@ -132,7 +132,7 @@ def test_chunked_prefill_does_not_stall_decodes(executor):
         outputs = engine.step()
         if any(o.request_id == "short" for o in outputs):
             decode_steps_during_prefill += 1
-        assert engine.stats.last_batch_tokens <= 32
+        assert engine.last_step.num_tokens <= 32
     assert decode_steps_during_prefill == 6
     while engine.has_unfinished():
         engine.step()
