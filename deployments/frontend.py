@@ -39,7 +39,6 @@ from deployments.protocol import (
     resolve_max_tokens,
 )
 
-TASKS = ("generate", "classify", "classify_tokens", "answer", "embed")
 TASK_BY_ARCHITECTURE = {
     "Qwen2ForCausalLM": "generate",
     "Qwen2ForSequenceClassification": "classify",

@@ -25,27 +25,47 @@ from typing import Any, AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments import metrics
 from deployments.frontend import Frontend, Usage, to_serve_error
 from deployments.protocol import (
     AnswerRequest,
-    parse_request_timeout,
+    AnswerResponse,
     BodyTooLargeError,
+    ChatCompletionChoice,
     ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionStreamChoice,
+    ChatCompletionStreamResponse,
+    ChatResponseMessage,
     ClassifyRequest,
+    ClassifyResponse,
+    CompletionChoice,
     CompletionRequest,
+    CompletionResponse,
+    CompletionStreamResponse,
+    DeltaMessage,
     DetokenizeRequest,
+    DetokenizeResponse,
+    EmbeddingData,
     EmbeddingRequest,
+    EmbeddingResponse,
+    ModelCard,
+    ModelList,
     ServeError,
     TokenClassifyRequest,
+    TokenClassifyResponse,
     TokenizeRequest,
+    TokenizeResponse,
     UnavailableError,
+    UsageInfo,
     check_api_key,
     encode_embedding,
     new_id,
     normalize_inputs,
+    parse_request_timeout,
     to_sampling_fields,
     validation_error_to_serve_error,
 )
@@ -152,13 +172,14 @@ def _timeout(request: Request) -> float | None:
     return parse_request_timeout(request.headers.get(TIMEOUT_HEADER), TIMEOUT_HEADER, "header")
 
 
-def _usage(u: Usage) -> dict:
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.total_tokens}
+def _usage(u: Usage) -> UsageInfo:
+    return UsageInfo(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+                     total_tokens=u.total_tokens)
 
 
-def _sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+def _sse(obj: dict | BaseModel) -> str:
+    body = obj.model_dump_json() if isinstance(obj, BaseModel) else json.dumps(obj, ensure_ascii=False)
+    return f"data: {body}\n\n"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,10 +314,9 @@ async def ready():
 
 @app.get("/v1/models")
 async def list_models():
-    data = [{"id": m["id"], "object": "model", "created": int(time.time()), "owned_by": m["owned_by"],
-             "root": m.get("root"), "max_model_len": m["max_model_len"], "task": m["task"]}
-            for m in _frontend().list_models()]
-    return {"object": "list", "data": data}
+    return ModelList(data=[ModelCard(id=m["id"], owned_by=m["owned_by"], root=m.get("root"),
+                                     max_model_len=m["max_model_len"], task=m["task"])
+                           for m in _frontend().list_models()])
 
 
 @app.post("/v1/completions")
@@ -319,11 +339,12 @@ async def completions(req: CompletionRequest, request: Request):
             prompt_tokens += usage.prompt_tokens
             completion_tokens += usage.completion_tokens
             for c in cs:
-                choices.append({"index": i * n + c.index, "text": c.text, "finish_reason": c.finish_reason,
-                                "logprobs": _completion_logprobs(c.logprobs, 0) if c.logprobs is not None else None})
-        return {"id": rid, "object": "text_completion", "created": created, "model": entry.name,
-                "choices": choices, "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                              "total_tokens": prompt_tokens + completion_tokens}}
+                choices.append(CompletionChoice(
+                    index=i * n + c.index, text=c.text, finish_reason=c.finish_reason,
+                    logprobs=_completion_logprobs(c.logprobs, 0) if c.logprobs is not None else None))
+        return CompletionResponse(id=rid, created=created, model=entry.name, choices=choices,
+                                  usage=_usage(Usage(prompt_tokens, completion_tokens,
+                                                     prompt_tokens + completion_tokens)))
 
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     source = await _prime(_merged(_streams(fe, entry.name, prompts, sampling, timeout_s, rid)))
@@ -337,16 +358,16 @@ async def completions(req: CompletionRequest, request: Request):
                 completion_tokens += item.completion_tokens
                 continue
             index = i * n + item.index
-            choice = {"index": index, "text": item.text, "finish_reason": item.finish_reason, "logprobs": None}
+            logprobs = None
             if item.logprobs is not None:
-                choice["logprobs"] = _completion_logprobs(item.logprobs, offsets.get(index, 0))
+                logprobs = _completion_logprobs(item.logprobs, offsets.get(index, 0))
             offsets[index] = offsets.get(index, 0) + len(item.text)
-            yield _sse({"id": rid, "object": "text_completion", "created": created, "model": entry.name,
-                        "choices": [choice]})
+            choice = CompletionChoice(index=index, text=item.text, finish_reason=item.finish_reason, logprobs=logprobs)
+            yield _sse(CompletionStreamResponse(id=rid, created=created, model=entry.name, choices=[choice]))
         if include_usage:
-            yield _sse({"id": rid, "object": "text_completion", "created": created, "model": entry.name,
-                        "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                                 "total_tokens": prompt_tokens + completion_tokens}})
+            yield _sse(CompletionStreamResponse(
+                id=rid, created=created, model=entry.name, choices=[],
+                usage=_usage(Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens))))
 
     return StreamingResponse(_sse_stream(chunks()), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"})
@@ -377,21 +398,18 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
 
     if not req.stream:
         choices, usage = await fe.generate(entry.name, prompt_ids, sampling, request_id=rid, timeout_s=timeout_s)
-        return {"id": rid, "object": "chat.completion", "created": created, "model": entry.name,
-                "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                             "logprobs": _chat_logprobs(c.logprobs) if c.logprobs is not None else None,
-                             "finish_reason": c.finish_reason} for c in choices],
-                "usage": _usage(usage)}
+        return ChatCompletionResponse(
+            id=rid, created=created, model=entry.name, usage=_usage(usage),
+            choices=[ChatCompletionChoice(index=c.index, message=ChatResponseMessage(content=c.text),
+                                          logprobs=_chat_logprobs(c.logprobs) if c.logprobs is not None else None,
+                                          finish_reason=c.finish_reason) for c in choices])
 
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     source = await _prime(fe.generate_stream(entry.name, prompt_ids, sampling, request_id=rid, timeout_s=timeout_s))
 
-    def chunk(choices: list, usage: dict | None = None) -> str:
-        body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": entry.name,
-                "choices": choices}
-        if usage is not None:
-            body["usage"] = usage
-        return _sse(body)
+    def chunk(choices: list[ChatCompletionStreamChoice], usage: UsageInfo | None = None) -> str:
+        return _sse(ChatCompletionStreamResponse(id=rid, created=created, model=entry.name, choices=choices,
+                                                 usage=usage))
 
     async def chunks():
         started: set[int] = set()
@@ -400,12 +418,11 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
                 if include_usage:
                     yield chunk([], _usage(item))
                 continue
-            delta: dict[str, Any] = {"content": item.text}
-            if item.index not in started:
-                started.add(item.index)
-                delta["role"] = "assistant"
-            yield chunk([{"index": item.index, "delta": delta, "finish_reason": item.finish_reason,
-                          "logprobs": _chat_logprobs(item.logprobs) if item.logprobs is not None else None}])
+            delta = DeltaMessage(content=item.text, role=None if item.index in started else "assistant")
+            started.add(item.index)
+            yield chunk([ChatCompletionStreamChoice(
+                index=item.index, delta=delta, finish_reason=item.finish_reason,
+                logprobs=_chat_logprobs(item.logprobs) if item.logprobs is not None else None)])
 
     return StreamingResponse(_sse_stream(chunks()), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"})
@@ -416,8 +433,7 @@ async def classify(req: ClassifyRequest):
     fe = _frontend()
     entry = fe.resolve(req.model, "classify")
     data, usage = await fe.classify(entry.name, normalize_inputs(req.input, "input", fe.limits))
-    return {"id": new_id("classify"), "object": "list", "created": int(time.time()), "model": entry.name,
-            "data": data, "usage": _usage(usage)}
+    return ClassifyResponse(model=entry.name, data=data, usage=_usage(usage))
 
 
 @app.post("/v1/classify/tokens")
@@ -425,16 +441,15 @@ async def classify_tokens(req: TokenClassifyRequest):
     fe = _frontend()
     entry = fe.resolve(req.model, "classify_tokens")
     tokens, entities = await fe.classify_tokens(entry.name, req.input, req.aggregation)
-    return {"id": new_id("tokcls"), "object": "token_classification", "created": int(time.time()),
-            "model": entry.name, "tokens": tokens, "entities": entities,
-            "usage": {"prompt_tokens": len(tokens), "completion_tokens": 0, "total_tokens": len(tokens)}}
+    return TokenClassifyResponse(model=entry.name, tokens=tokens, entities=entities,
+                                 usage=UsageInfo(prompt_tokens=len(tokens), total_tokens=len(tokens)))
 
 
 @app.post("/v1/answer")
 async def answer(req: AnswerRequest):
     fe = _frontend()
     entry = fe.resolve(req.model, "answer")
-    return await fe.answer(entry.name, req.question, req.context)
+    return AnswerResponse(**await fe.answer(entry.name, req.question, req.context))
 
 
 @app.post("/v1/embeddings")
@@ -443,10 +458,9 @@ async def embeddings(req: EmbeddingRequest):
     entry = fe.resolve(req.model, "embed")
     vectors, usage = await fe.embed(entry.name, normalize_inputs(req.input, "input", fe.limits),
                                     pooling=req.pooling, normalize=req.normalize)
-    return {"id": new_id("embd"), "object": "list", "created": int(time.time()), "model": entry.name,
-            "data": [{"index": i, "object": "embedding", "embedding": encode_embedding(v, req.encoding_format)}
-                     for i, v in enumerate(vectors)],
-            "usage": {"prompt_tokens": usage.prompt_tokens, "total_tokens": usage.total_tokens}}
+    return EmbeddingResponse(model=entry.name, usage=_usage(usage),
+                             data=[EmbeddingData(index=i, embedding=encode_embedding(v, req.encoding_format))
+                                   for i, v in enumerate(vectors)])
 
 
 @app.post("/tokenize")
@@ -454,11 +468,11 @@ async def tokenize(req: TokenizeRequest):
     fe = _frontend()
     entry = fe.resolve(req.model)
     tokens = fe.tokenize(entry.name, req.prompt, add_special_tokens=req.add_special_tokens)
-    return {"tokens": tokens, "count": len(tokens), "max_model_len": entry.max_model_len}
+    return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=entry.max_model_len)
 
 
 @app.post("/detokenize")
 async def detokenize(req: DetokenizeRequest):
     fe = _frontend()
     entry = fe.resolve(req.model)
-    return {"prompt": fe.detokenize(entry.name, req.tokens)}
+    return DetokenizeResponse(prompt=fe.detokenize(entry.name, req.tokens))

@@ -458,7 +458,7 @@ class ModelCard(_Response):
     owned_by: str = "qwen2-serve"
     root: str | None = None  # checkpoint path or hub name the model was loaded from
     max_model_len: int | None = None
-    task: str | None = None  # "generate" | "classify" | "token_classify" | "answer" | "embed"
+    task: str | None = None  # "generate" | "classify" | "classify_tokens" | "answer" | "embed"
 
 
 class ModelList(_Response):

@@ -36,6 +36,7 @@ from deployments.errors import (
     ServeError,
     UnavailableError,
 )
+from deployments.frontend import TASK_BY_ARCHITECTURE
 from deployments.metrics import RouterMetrics
 
 logger = logging.getLogger("ray.serve")
@@ -43,15 +44,6 @@ logger = logging.getLogger("ray.serve")
 # Knobs `reconfigure` accepts (serve_config.yaml `user_config`).
 USER_CONFIG_KEYS = ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "pooled_batch_wait_ms",
                     "pooled_max_batch_size")
-
-# Which pooled tasks each architecture can run. Every architecture has the decoder, so all embed.
-TASKS_BY_ARCHITECTURE = {
-    "Qwen2ForCausalLM": ("generate", "embed"),
-    "Qwen2ForSequenceClassification": ("classify", "embed"),
-    "Qwen2ForTokenClassification": ("classify_tokens", "embed"),
-    "Qwen2ForQuestionAnswering": ("answer", "embed"),
-    "Qwen2Model": ("embed",),
-}
 
 
 def map_engine_error(exc: BaseException) -> BaseException:
@@ -169,8 +161,9 @@ class Router:
     async def pooled(self, task: str, token_ids: list[list[int]], pooling: str = "last",
                      normalize: bool = True) -> list:
         self._check_alive()
-        allowed = TASKS_BY_ARCHITECTURE.get(self.engine.executor.architecture, ())
-        if task not in allowed or task == "generate":
+        # A model's own head, or embeddings (every architecture has the decoder); generation streams.
+        own = TASK_BY_ARCHITECTURE.get(self.engine.executor.architecture)
+        if task not in (own, "embed") or task == "generate":
             raise InvalidRequestError(f"model {self.model_name!r} ({self.engine.executor.architecture}) cannot "
                                       f"run task {task!r}", param="model")
         if not token_ids:
