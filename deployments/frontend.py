@@ -177,6 +177,12 @@ class _ChoiceState:
         return buf[:len(buf) - keep], False
 
 
+def top_label(entry: ModelEntry, probs: list[float]) -> tuple[str, float]:
+    """The most probable label of a probability row, and its probability."""
+    best = max(range(len(probs)), key=probs.__getitem__)
+    return entry.id2label.get(best, f"LABEL_{best}"), float(probs[best])
+
+
 class Frontend:
     def __init__(self, models: list[ModelEntry], limits: Limits = DEFAULT_LIMITS, request_timeout_s: float = 600):
         if not models:
@@ -401,26 +407,17 @@ class Frontend:
     async def classify(self, model: str, inputs: list[str]) -> tuple[list[dict], Usage]:
         start = time.monotonic()
         entry = self.resolve(model, "classify")
-        if entry.task != "classify":
-            raise InvalidRequestError(f"The model '{entry.name}' is a {entry.task} model, not a classifier",
-                                      param="model")
         texts = normalize_inputs(inputs, "input", self.limits)
         ids = [t if isinstance(t, list) else entry.tokenizer.encode(t) for t in texts]
         probs = await self._pooled(entry, "classify", ids, start)
-        data = []
-        for i, p in enumerate(probs):
-            best = max(range(len(p)), key=p.__getitem__)
-            data.append({"index": i, "label": entry.id2label.get(best, f"LABEL_{best}"), "probs": p,
-                         "num_classes": len(p)})
+        data = [{"index": i, "label": top_label(entry, p)[0], "probs": p, "num_classes": len(p)}
+                for i, p in enumerate(probs)]
         total = sum(len(x) for x in ids)
         return data, Usage(total, 0, total)
 
     async def classify_tokens(self, model: str, text: str, aggregation: str = "none") -> tuple[list[dict], list[dict]]:
         start = time.monotonic()
         entry = self.resolve(model, "classify_tokens")
-        if entry.task != "classify_tokens":
-            raise InvalidRequestError(f"The model '{entry.name}' is a {entry.task} model, not a token classifier",
-                                      param="model")
         if not text:
             raise InvalidRequestError("Invalid value for 'input': must not be empty", param="input")
         if aggregation not in ("none", "simple"):
@@ -431,19 +428,16 @@ class Frontend:
             raise InvalidRequestError("Invalid value for 'input': no tokens", param="input")
         [probs] = await self._pooled(entry, "classify_tokens", [ids], start)
         tokens = []
-        for tid, (start, end), p in zip(ids, offsets, probs):
-            best = max(range(len(p)), key=p.__getitem__)
-            tokens.append({"token": text[start:end], "label": entry.id2label.get(best, f"LABEL_{best}"),
-                           "score": float(p[best]), "start": int(start), "end": int(end)})
+        for (first, last), p in zip(offsets, probs):
+            label, score = top_label(entry, p)
+            tokens.append({"token": text[first:last], "label": label, "score": score, "start": int(first),
+                           "end": int(last)})
         entities = group_entities(tokens, text) if aggregation == "simple" else []
         return tokens, entities
 
     async def answer(self, model: str, question: str, context: str) -> dict:
         start = time.monotonic()
         entry = self.resolve(model, "answer")
-        if entry.task != "answer":
-            raise InvalidRequestError(f"The model '{entry.name}' is a {entry.task} model, not a question answerer",
-                                      param="model")
         if not question:
             raise InvalidRequestError("Invalid value for 'question': must not be empty", param="question")
         if not context:
