@@ -40,15 +40,20 @@ import grpc
 
 from deployments import metrics
 from deployments.errors import (
-    InternalError,
     InvalidRequestError,
-    QueueFullError,
     ServeError,
-    UnavailableError,
     check_api_key,
 )
-from deployments.protocol import (DEFAULT_LIMITS, Limits, check_body_size, new_id, normalize_inputs,
-                                  parse_request_timeout, to_sampling_fields)
+from deployments.frontend import to_serve_error  # the one mapping of router / Ray failures, as over HTTP
+from deployments.protocol import (
+    DEFAULT_LIMITS,
+    Limits,
+    check_body_size,
+    new_id,
+    normalize_inputs,
+    parse_request_timeout,
+    to_sampling_fields,
+)
 from protos.qwen2_serve.v1 import qwen2_serve_pb2 as pb
 
 logger = logging.getLogger("qwen2_serve.grpc")
@@ -61,28 +66,6 @@ POOLINGS = ("last", "mean")
 
 # ---------------------------------------------------------------------------------------------
 # Errors
-
-
-def to_serve_error(exc: BaseException) -> ServeError:
-    """Any exception from the frontend / router -> the ServeError a client should see."""
-    if isinstance(exc, ServeError):
-        return exc
-    # Ray's own failures on the router handle, for when the frontend let them through.
-    try:
-        from ray import exceptions as ray_exc
-        from ray.serve import exceptions as serve_exc
-    except ImportError:  # pragma: no cover (ray is a dependency)
-        ray_exc = serve_exc = None
-    if serve_exc is not None:
-        if isinstance(exc, serve_exc.BackPressureError):
-            return QueueFullError()
-        if isinstance(exc, getattr(serve_exc, "DeploymentUnavailableError", ())) or isinstance(
-            exc, (ray_exc.RayActorError, ray_exc.ActorUnavailableError)
-        ):
-            return UnavailableError(f"No healthy replica to serve the request: {type(exc).__name__}")
-    if isinstance(exc, grpc.RpcError):  # pragma: no cover (defensive)
-        return UnavailableError(str(exc))
-    return InternalError(f"Internal server error: {type(exc).__name__}: {exc}")
 
 
 def apply_error(grpc_context: Any, err: ServeError) -> None:
