@@ -387,20 +387,13 @@ class Frontend:
 
     async def _pooled(self, entry: ModelEntry, task: str, token_ids: list[list[int]], start: float | None = None,
                       **kw) -> list:
-        for i, ids in enumerate(token_ids):
-            if len(ids) > entry.max_model_len:
-                from deployments.protocol import ContextLengthExceededError
-                raise ContextLengthExceededError(
-                    f"This model's maximum context length is {entry.max_model_len} tokens, but input {i} has "
-                    f"{len(ids)} tokens", param="input")
+        # Input checks (empty, too long, ids outside the vocabulary) are the Router's, per request.
         deadline = _Deadline(self.request_timeout_s)
         try:
             result = await deadline.run(entry.router.pooled.remote(task, token_ids, **kw))
             metrics.record_pooled(entry.name, sum(len(x) for x in token_ids),
                                   time.monotonic() if start is None else start)
             return result
-        except ServeError as exc:
-            raise to_serve_error(exc) from None
         except Exception as exc:
             raise to_serve_error(exc) from None
 
