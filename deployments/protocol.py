@@ -220,7 +220,8 @@ class ChatCompletionRequest(_SamplingRequest):
 
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
-    # Accepted and passed to the chat template (Qwen2's template renders tools into the prompt).
+    # Passed to the chat template (Qwen2's template renders tools into the prompt); with tools and
+    # tool_choice "auto" (the default) the answer's <tool_call> blocks become `tool_calls`.
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
@@ -231,6 +232,20 @@ class ChatCompletionRequest(_SamplingRequest):
     # vLLM extras for the template
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice_we_can_honour(cls, value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        # "required" and a named function need constrained decoding to be guaranteed; refusing them
+        # is better than answering with text the client was promised would be a call.
+        if value is None or value in ("auto", "none"):
+            return value
+        raise ValueError(f"{value!r} is not supported: use 'auto' (the model decides, calls are parsed) or 'none' "
+                         f"(no calls are parsed); 'required' and named functions need constrained decoding, "
+                         f"which this server does not do")
+
+    def parses_tool_calls(self) -> bool:
+        return bool(self.tools) and self.tool_choice != "none"
 
     @field_validator("chat_template_kwargs")
     @classmethod

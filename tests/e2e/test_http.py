@@ -164,6 +164,27 @@ def test_chat_and_chat_stream(client, serve_app, reference):
     assert usage.prompt_tokens == len(tok.encode(prompt))
 
 
+def test_chat_with_tools_renders_them_and_refuses_what_it_cannot_promise(client, serve_app, reference):
+    """The model's own template gets `tools`; a random model writes no <tool_call>, so no calls come back
+    (the parsing of calls the model writes: tests/unit/test_tool_calls.py)."""
+    tok, greedy = reference
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                                "parameters": {"type": "object",
+                                                               "properties": {"city": {"type": "string"}}}}}]
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
+    assert "get_weather" in prompt
+    _, text = greedy(tok.encode(prompt), 8)
+    resp = client.chat.completions.create(model=serve_app.generate_model, messages=messages, tools=tools,
+                                          max_tokens=8, temperature=0)
+    assert resp.usage.prompt_tokens == len(tok.encode(prompt))
+    assert resp.choices[0].message.content == text and resp.choices[0].message.tool_calls is None
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=serve_app.generate_model, messages=messages, tools=tools,
+                                       tool_choice="required", max_tokens=8)
+    assert e.value.body["param"] == "tool_choice"
+
+
 def test_stop_strings_are_not_emitted(client, serve_app, reference):
     tok, greedy = reference
     _, text = greedy(tok.encode(PROMPT), 24)
