@@ -16,6 +16,7 @@ per-call deadline in seconds (a call's own `timeout=` overrides it), sent to the
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -68,14 +69,19 @@ def build_generate_request(
     *,
     messages: Iterable[Mapping[str, str] | tuple[str, str]] | None = None,
     prompt_token_ids: Sequence[int] | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    tool_choice: str | None = None,
     **sampling: Any,
 ) -> pb.GenerateRequest:
     """Keyword arguments -> GenerateRequest. A list of ints as `prompt` means token ids.
 
     Sampling keywords are GenerateRequest's names (vLLM's); None leaves a field unset (the server
-    default); `stop` takes a string or a list of strings.
+    default); `stop` takes a string or a list of strings. `tools` (OpenAI's tool objects, chat
+    only) travel as JSON; the model's calls come back in each choice's `tool_calls`.
     """
-    req = pb.GenerateRequest(model=model or "")
+    req = pb.GenerateRequest(model=model or "", tool_choice=tool_choice or "")
+    if tools is not None:
+        req.tools_json = json.dumps(list(tools))
     if isinstance(prompt, str):
         req.prompt = prompt
     elif prompt is not None:

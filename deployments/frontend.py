@@ -38,6 +38,7 @@ from deployments.protocol import (
     normalize_inputs,
     resolve_max_tokens,
 )
+from deployments.tool_calls import ParsedToolCall, ToolCallSplitter, finish_reason_with_calls, tail_prefix_length
 
 TASK_BY_ARCHITECTURE = {
     "Qwen2ForCausalLM": "generate",
@@ -71,7 +72,8 @@ class GenerationDelta:
     token_ids: list[int]
     # [{token_id, token, logprob, top_logprobs: [{token_id, token, logprob}]}] per token, or None
     logprobs: list[dict] | None
-    finish_reason: str | None
+    finish_reason: str | None  # "tool_calls" when the choice stopped after calling tools
+    tool_calls: list[ParsedToolCall] = field(default_factory=list)  # finished in this delta; not in `text`
 
 
 @dataclass
@@ -88,6 +90,7 @@ class Choice:
     token_ids: list[int]
     logprobs: list[dict] | None
     finish_reason: str | None
+    tool_calls: list[ParsedToolCall] = field(default_factory=list)
 
 
 def to_serve_error(exc: BaseException) -> ServeError:
@@ -141,12 +144,14 @@ class _Deadline:
 class _ChoiceState:
     """Detokenization and stop-string matching for one choice."""
 
-    def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str]):
+    def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str], parse_tool_calls: bool = False):
         from qwen2_model.tokenizer import IncrementalDetokenizer
 
         # Special tokens (EOS, <|im_end|>) are not part of the text, as in vLLM and OpenAI.
+        # (<tool_call> is an added, non-special token in Qwen's vocabulary: it stays in the text.)
         self.detok = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens=True)
         self.stop = stop
+        self.tool_calls = ToolCallSplitter() if parse_tool_calls else None
         self.held = ""  # decoded text not yet emitted: it may be the start of a stop string
         self.finished = False
         self.num_output_tokens = 0
@@ -167,14 +172,16 @@ class _ChoiceState:
         if final:
             self.held = ""
             return buf, False
-        keep = 0  # the longest tail of buf that is a proper prefix of some stop string
-        for s in self.stop:
-            for k in range(min(len(s) - 1, len(buf)), keep, -1):
-                if buf.endswith(s[:k]):
-                    keep = k
-                    break
+        keep = max(tail_prefix_length(buf, s) for s in self.stop)  # could still become a stop string
         self.held = buf[len(buf) - keep:] if keep else ""
         return buf[:len(buf) - keep], False
+
+    def split_tool_calls(self, text: str, final: bool) -> tuple[str, list[ParsedToolCall]]:
+        """Emitted text -> (content, finished tool calls); a no-op unless tools are parsed."""
+        if self.tool_calls is None:
+            return text, []
+        events = self.tool_calls.feed(text) + (self.tool_calls.finish() if final else [])
+        return "".join(e for e in events if isinstance(e, str)), [e for e in events if not isinstance(e, str)]
 
 
 def top_label(entry: ModelEntry, probs: list[float]) -> tuple[str, float]:
@@ -284,12 +291,13 @@ class Frontend:
         return ids
 
     async def generate_stream(self, model: str, prompt: str | list[int], sampling: dict,
-                              request_id: str | None = None, timeout_s: float | None = None
-                              ) -> AsyncIterator[GenerationDelta | Usage]:
+                              request_id: str | None = None, timeout_s: float | None = None,
+                              parse_tool_calls: bool = False) -> AsyncIterator[GenerationDelta | Usage]:
         """Deltas for every choice as they come, then one Usage.
 
         `sampling` is `to_sampling_fields()` output (with "stop"; max_tokens may be None = the rest
         of the context). `timeout_s` (e.g. a gRPC deadline) can only shorten the server's timeout.
+        `parse_tool_calls` (chat with tools): <tool_call> blocks leave the text as `tool_calls`.
         """
         start = time.monotonic()
         entry = self.resolve(model, "generate")
@@ -301,7 +309,7 @@ class Frontend:
         request_id = request_id or new_id("req")
         seconds = self.request_timeout_s if timeout_s is None else min(self.request_timeout_s, max(timeout_s, 0.0))
         deadline = _Deadline(seconds)
-        states = [_ChoiceState(entry.tokenizer, ids, stop) for _ in range(n)]
+        states = [_ChoiceState(entry.tokenizer, ids, stop, parse_tool_calls) for _ in range(n)]
         engine_done = [False] * n  # the engine reported a finish_reason for the choice
         remaining = n
         rm = metrics.GenerationMetrics(entry.name, len(ids), start)
@@ -338,8 +346,11 @@ class Frontend:
                     st.finished = True
                     remaining -= 1
                     rm.on_choice_end(reason)
+                text, calls = st.split_tool_calls(text, final=reason is not None)
+                if st.tool_calls is not None:
+                    reason = finish_reason_with_calls(reason, st.tool_calls.num_calls)
                 yield GenerationDelta(out["index"], text, list(out["token_ids"]),
-                                      self._logprob_entries(entry.tokenizer, out.get("logprobs")), reason)
+                                      self._logprob_entries(entry.tokenizer, out.get("logprobs")), reason, calls)
         finally:
             if not all(engine_done):
                 # Left early (disconnect, deadline, error) or ended by a stop string while the engine
@@ -359,12 +370,12 @@ class Frontend:
         yield Usage(len(ids), completion, len(ids) + completion)
 
     async def generate(self, model: str, prompt: str | list[int], sampling: dict, request_id: str | None = None,
-                       timeout_s: float | None = None) -> tuple[list[Choice], Usage]:
+                       timeout_s: float | None = None, parse_tool_calls: bool = False) -> tuple[list[Choice], Usage]:
         n = int(sampling.get("n") or 1)
         choices = [Choice(i, "", [], None, None) for i in range(n)]
         texts: list[list[str]] = [[] for _ in range(n)]
         usage = Usage(0, 0, 0)
-        agen = self.generate_stream(model, prompt, sampling, request_id, timeout_s)
+        agen = self.generate_stream(model, prompt, sampling, request_id, timeout_s, parse_tool_calls)
         try:
             async for item in agen:
                 if isinstance(item, Usage):
@@ -373,6 +384,7 @@ class Frontend:
                 c = choices[item.index]
                 texts[item.index].append(item.text)
                 c.token_ids.extend(item.token_ids)
+                c.tool_calls.extend(item.tool_calls)
                 if item.logprobs is not None:
                     c.logprobs = (c.logprobs or []) + item.logprobs
                 if item.finish_reason is not None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -49,6 +50,7 @@ from deployments.protocol import (
     DEFAULT_LIMITS,
     Limits,
     check_body_size,
+    check_tool_choice,
     new_id,
     normalize_inputs,
     parse_request_timeout,
@@ -147,6 +149,31 @@ def generate_input(request: pb.GenerateRequest) -> tuple[str, str | list[int] | 
     return kind, messages
 
 
+def chat_tools(request: pb.GenerateRequest, kind: str) -> tuple[list[dict] | None, bool]:
+    """`tools_json` / `tool_choice` -> (tools for the chat template, parse tool calls?), as HTTP's."""
+    if not request.tools_json:
+        if request.tool_choice:
+            _check_tool_choice(request.tool_choice)
+        return None, False
+    if kind != "messages":
+        raise _invalid("tools_json", "only goes with 'messages' (chat)")
+    try:
+        tools = json.loads(request.tools_json)
+    except ValueError as e:
+        raise _invalid("tools_json", f"is not valid JSON ({e})") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise _invalid("tools_json", "must be a JSON array of tool objects")
+    _check_tool_choice(request.tool_choice)
+    return tools, bool(tools) and request.tool_choice != "none"
+
+
+def _check_tool_choice(value: str) -> None:
+    try:
+        check_tool_choice(value or None)
+    except ValueError as e:
+        raise _invalid("tool_choice", str(e)) from None
+
+
 def sampling_fields(request: pb.GenerateRequest, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
     """The same engine kwargs (+ `stop`) HTTP computes; raises InvalidRequestError naming the field."""
     return to_sampling_fields(request, limits)
@@ -215,7 +242,12 @@ def choice_to_proto(choice: Any) -> pb.Choice:
         token_ids=[int(t) for t in (_get(choice, "token_ids", None) or ())],
         finish_reason=_get(choice, "finish_reason", "") or "",
         logprobs=logprobs_to_proto(_get(choice, "logprobs", None)),
+        tool_calls=tool_calls_to_proto(_get(choice, "tool_calls", None)),
     )
+
+
+def tool_calls_to_proto(calls: Iterable[Any] | None) -> list[pb.ToolCall]:
+    return [pb.ToolCall(id=new_id("call"), name=c.name, arguments=c.arguments) for c in calls or ()]
 
 
 def generate_response(request_id: str, model: str, choices: Iterable[Any], usage: Any) -> pb.GenerateResponse:
@@ -233,6 +265,7 @@ def delta_to_proto(request_id: str, model: str, delta: Any) -> pb.GenerateStream
         token_ids=[int(t) for t in (_get(delta, "token_ids", None) or ())],
         finish_reason=_get(delta, "finish_reason", "") or "",
         logprobs=logprobs_to_proto(_get(delta, "logprobs", None)),
+        tool_calls=tool_calls_to_proto(_get(delta, "tool_calls", None)),
     )
 
 
@@ -409,22 +442,24 @@ class GrpcIngressMixin:
 
     # -- generation -----------------------------------------------------------------------------
 
-    def _generate_args(self, request: pb.GenerateRequest) -> tuple[str, str | list[int], dict[str, Any]]:
+    def _generate_args(self, request: pb.GenerateRequest, grpc_context: Any) -> tuple[str, str | list[int], dict, dict]:
+        """-> model, prompt, sampling, and the frontend's keyword arguments (deadline, tool-call parsing)."""
         kind, value = generate_input(request)
+        tools, parse_tool_calls = chat_tools(request, kind)
         sampling = sampling_fields(request, self._grpc_limits())
         model = self._resolve_name(request.model, "generate")
         if kind == "messages":
-            prompt: str | list[int] = self.frontend.render_chat(model, value)
+            prompt: str | list[int] = self.frontend.render_chat(model, value, tools=tools)
         else:
             prompt = value  # type: ignore[assignment]
-        return model, prompt, sampling
+        options = dict(self._timeout_kw(grpc_context), parse_tool_calls=parse_tool_calls)
+        return model, prompt, sampling, options
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context: Any = None) -> pb.GenerateResponse:
         async def call() -> pb.GenerateResponse:
-            model, prompt, sampling = self._generate_args(request)
+            model, prompt, sampling, options = self._generate_args(request, grpc_context)
             request_id = new_id("cmpl")
-            choices, usage = await self.frontend.generate(model, prompt, sampling, request_id=request_id,
-                                                          **self._timeout_kw(grpc_context))
+            choices, usage = await self.frontend.generate(model, prompt, sampling, request_id=request_id, **options)
             return generate_response(request_id, model, choices, usage)
 
         return await self._grpc_unary(request, grpc_context, pb.GenerateResponse(), call)
@@ -435,10 +470,9 @@ class GrpcIngressMixin:
         stream = None
         try:
             self._grpc_check(request, grpc_context)
-            model, prompt, sampling = self._generate_args(request)
+            model, prompt, sampling, options = self._generate_args(request, grpc_context)
             request_id = new_id("cmpl")
-            stream = self.frontend.generate_stream(model, prompt, sampling, request_id=request_id,
-                                                   **self._timeout_kw(grpc_context))
+            stream = self.frontend.generate_stream(model, prompt, sampling, request_id=request_id, **options)
             async for msg in stream_messages(request_id, model, sampling["n"], stream):
                 yield msg
         except ServeError as e:

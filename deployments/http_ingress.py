@@ -30,7 +30,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments import metrics
 from deployments.frontend import Frontend, Usage, to_serve_error
-from deployments.tool_calls import ParsedToolCall, ToolCallSplitter, finish_reason_with_calls, split_tool_calls
 from deployments.protocol import (
     AnswerRequest,
     AnswerResponse,
@@ -389,16 +388,13 @@ def _message_dict(m) -> dict:
     return d
 
 
-def _chat_choice(c, parse_tools: bool) -> ChatCompletionChoice:
-    """A finished choice -> its chat answer; with tools, <tool_call> blocks become `tool_calls`."""
-    message, finish_reason = ChatResponseMessage(content=c.text), c.finish_reason
-    if parse_tools:
-        content, calls = split_tool_calls(c.text)
-        if calls:
-            message = ChatResponseMessage(content=content, tool_calls=[
-                ToolCall(function=FunctionCall(name=call.name, arguments=call.arguments)) for call in calls])
-            finish_reason = finish_reason_with_calls(c.finish_reason, len(calls))
-    return ChatCompletionChoice(index=c.index, message=message, finish_reason=finish_reason,
+def _chat_choice(c) -> ChatCompletionChoice:
+    """A finished choice -> its chat answer (the text around tool calls, if any, trimmed)."""
+    message = ChatResponseMessage(content=c.text)
+    if c.tool_calls:
+        message = ChatResponseMessage(content=c.text.strip() or None, tool_calls=[
+            ToolCall(function=FunctionCall(name=call.name, arguments=call.arguments)) for call in c.tool_calls])
+    return ChatCompletionChoice(index=c.index, message=message, finish_reason=c.finish_reason,
                                 logprobs=_chat_logprobs(c.logprobs) if c.logprobs is not None else None)
 
 
@@ -417,13 +413,15 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     parse_tools = req.parses_tool_calls()
 
     if not req.stream:
-        choices, usage = await fe.generate(entry.name, prompt_ids, sampling, request_id=rid, timeout_s=timeout_s)
+        choices, usage = await fe.generate(entry.name, prompt_ids, sampling, request_id=rid, timeout_s=timeout_s,
+                                           parse_tool_calls=parse_tools)
         return ChatCompletionResponse(
             id=rid, created=created, model=entry.name, usage=_usage(usage),
-            choices=[_chat_choice(c, parse_tools) for c in choices])
+            choices=[_chat_choice(c) for c in choices])
 
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    source = await _prime(fe.generate_stream(entry.name, prompt_ids, sampling, request_id=rid, timeout_s=timeout_s))
+    source = await _prime(fe.generate_stream(entry.name, prompt_ids, sampling, request_id=rid, timeout_s=timeout_s,
+                                             parse_tool_calls=parse_tools))
 
     def chunk(choices: list[ChatCompletionStreamChoice], usage: UsageInfo | None = None) -> str:
         return _sse(ChatCompletionStreamResponse(id=rid, created=created, model=entry.name, choices=choices,
@@ -431,30 +429,23 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
 
     async def chunks():
         started: set[int] = set()
-        splitters: dict[int, ToolCallSplitter] = {}  # choice index -> its tool-call splitter
+        calls_sent: dict[int, int] = {}  # choice index -> tool calls streamed so far (DeltaToolCall.index)
         async for item in source:
             if isinstance(item, Usage):
                 if include_usage:
                     yield chunk([], _usage(item))
                 continue
-            content, tool_calls, finish_reason = item.text, None, item.finish_reason
-            if parse_tools:
-                splitter = splitters.setdefault(item.index, ToolCallSplitter())
-                first_call = splitter.num_calls
-                events = splitter.feed(item.text) + (splitter.finish() if item.finish_reason else [])
-                content = "".join(e for e in events if isinstance(e, str))
-                calls = [e for e in events if isinstance(e, ParsedToolCall)]
-                if calls:
-                    content = content or None
-                    tool_calls = [DeltaToolCall(index=first_call + k, id=new_id("call"), type="function",
-                                                function=DeltaFunctionCall(name=c.name, arguments=c.arguments))
-                                  for k, c in enumerate(calls)]
-                finish_reason = finish_reason_with_calls(item.finish_reason, splitter.num_calls)
-            delta = DeltaMessage(content=content, tool_calls=tool_calls,
-                                 role=None if item.index in started else "assistant")
+            delta = DeltaMessage(content=item.text, role=None if item.index in started else "assistant")
             started.add(item.index)
+            if item.tool_calls:
+                first = calls_sent.get(item.index, 0)
+                calls_sent[item.index] = first + len(item.tool_calls)
+                delta.content = item.text or None
+                delta.tool_calls = [DeltaToolCall(index=first + k, id=new_id("call"), type="function",
+                                                  function=DeltaFunctionCall(name=c.name, arguments=c.arguments))
+                                    for k, c in enumerate(item.tool_calls)]
             yield chunk([ChatCompletionStreamChoice(
-                index=item.index, delta=delta, finish_reason=finish_reason,
+                index=item.index, delta=delta, finish_reason=item.finish_reason,
                 logprobs=_chat_logprobs(item.logprobs) if item.logprobs is not None else None)])
 
     return StreamingResponse(_sse_stream(chunks()), media_type="text/event-stream",

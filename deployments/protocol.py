@@ -236,13 +236,8 @@ class ChatCompletionRequest(_SamplingRequest):
     @field_validator("tool_choice")
     @classmethod
     def _tool_choice_we_can_honour(cls, value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
-        # "required" and a named function need constrained decoding to be guaranteed; refusing them
-        # is better than answering with text the client was promised would be a call.
-        if value is None or value in ("auto", "none"):
-            return value
-        raise ValueError(f"{value!r} is not supported: use 'auto' (the model decides, calls are parsed) or 'none' "
-                         f"(no calls are parsed); 'required' and named functions need constrained decoding, "
-                         f"which this server does not do")
+        check_tool_choice(value)
+        return value
 
     def parses_tool_calls(self) -> bool:
         return bool(self.tools) and self.tool_choice != "none"
@@ -257,6 +252,19 @@ class ChatCompletionRequest(_SamplingRequest):
             raise ValueError(f"chat_template_kwargs may not set {reserved}: the chat template is the model's "
                              f"own, and messages, tools and add_generation_prompt are request fields")
         return value
+
+
+def check_tool_choice(value: Any) -> None:
+    """tool_choice: None/"auto" (the model decides; calls are parsed) or "none" (text as written).
+
+    "required" and a named function need constrained decoding to be guaranteed; refusing them is
+    better than answering with text the client was promised would be a call. Raises ValueError.
+    """
+    if value is None or value in ("auto", "none"):
+        return
+    raise ValueError(f"{value!r} is not supported: use 'auto' (the model decides, calls are parsed) or 'none' "
+                     f"(no calls are parsed); 'required' and named functions need constrained decoding, "
+                     f"which this server does not do")
 
 
 RESERVED_TEMPLATE_KWARGS = {"chat_template", "messages", "tools", "add_generation_prompt", "tokenize",

@@ -7,8 +7,8 @@ Qwen2 / Qwen2.5 chat templates, when given `tools`, ask the model to answer a ca
     </tool_call>
 
 (the "Hermes" format; vLLM's `hermes` tool parser reads the same). `ToolCallSplitter` splits the
-generated text into plain content and calls as it streams in. The non-streaming answer runs the
-same splitter over the whole text, so a streamed answer and a whole one always agree.
+generated text into plain content and calls as it streams in; deployments/frontend.py runs one per
+choice (after stop strings), so streamed and whole answers, over HTTP and gRPC, always agree.
 
 A block whose body is not a JSON object with a string `name` stays in the content as text (the
 client sees what the model wrote rather than a call we guessed at); so does a block the model never
@@ -49,10 +49,11 @@ def parse_call_body(body: str) -> ParsedToolCall | None:
     return ParsedToolCall(value["name"], json.dumps(arguments, ensure_ascii=False))
 
 
-def _held_back(text: str) -> int:
-    """How many trailing characters of `text` could still grow into TOOL_CALL_START."""
-    for n in range(min(len(TOOL_CALL_START) - 1, len(text)), 0, -1):
-        if TOOL_CALL_START.startswith(text[-n:]):
+def tail_prefix_length(text: str, marker: str) -> int:
+    """The length of the longest tail of `text` that is a proper prefix of `marker`: text that could
+    still grow into the marker, so a stream must hold it back (also used for stop strings)."""
+    for n in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:n]):
             return n
     return 0
 
@@ -76,7 +77,7 @@ class ToolCallSplitter:
             if not self._in_call:
                 start = self._buffer.find(TOOL_CALL_START)
                 if start < 0:
-                    keep = _held_back(self._buffer)
+                    keep = tail_prefix_length(self._buffer, TOOL_CALL_START)
                     cut = len(self._buffer) - keep
                     if cut:
                         events.append(self._buffer[:cut])
@@ -105,14 +106,6 @@ class ToolCallSplitter:
         rest = (TOOL_CALL_START if self._in_call else "") + self._buffer
         self._buffer, self._in_call = "", False
         return [rest] if rest else []
-
-
-def split_tool_calls(text: str) -> tuple[str | None, list[ParsedToolCall]]:
-    """A whole generation -> (content or None when only whitespace is left, calls)."""
-    splitter = ToolCallSplitter()
-    events = splitter.feed(text) + splitter.finish()
-    content = "".join(e for e in events if isinstance(e, str)).strip()
-    return content or None, [e for e in events if isinstance(e, ParsedToolCall)]
 
 
 def finish_reason_with_calls(finish_reason: str | None, num_calls: int) -> str | None:

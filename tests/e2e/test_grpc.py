@@ -15,6 +15,7 @@ deployments.client, deployments.client_cli).
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 
 import grpc
@@ -186,6 +187,25 @@ def test_generate_chat_messages_match_http(app):
     assert http.status_code == 200, http.text
     assert http.json()["choices"][0]["message"]["content"] == resp.choices[0].text
     assert http.json()["usage"]["prompt_tokens"] == resp.usage.prompt_tokens
+
+
+def test_generate_chat_with_tools_matches_http(app):
+    """tools_json reaches the model's template as HTTP's `tools` do (same prompt, same text)."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    messages = [pb.ChatMessage(role="user", content="Weather in Paris?")]
+    resp = app.stub.Generate(pb.GenerateRequest(messages=messages, max_tokens=6, temperature=0, ignore_eos=True,
+                                                tools_json=json.dumps(tools)), metadata=app.md)
+    plain = app.stub.Generate(pb.GenerateRequest(messages=messages, max_tokens=6, temperature=0, ignore_eos=True),
+                              metadata=app.md)
+    http = httpx.post(f"{app.http_url}/v1/chat/completions", headers=app.auth, timeout=60,
+                      json={"model": app.gen, "max_tokens": 6, "temperature": 0, "ignore_eos": True, "tools": tools,
+                            "messages": [{"role": "user", "content": "Weather in Paris?"}]})
+    assert http.status_code == 200, http.text
+    assert http.json()["usage"]["prompt_tokens"] == resp.usage.prompt_tokens > plain.usage.prompt_tokens
+    assert http.json()["choices"][0]["message"]["content"] == resp.choices[0].text
+    err = rpc_error(app.stub.Generate, pb.GenerateRequest(messages=messages, tools_json=json.dumps(tools),
+                                                          tool_choice="required"), metadata=app.md)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and err.details().startswith("tool_choice: ")
 
 
 def test_classify_tokens_answer_embed_tokenize(app):

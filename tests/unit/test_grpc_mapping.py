@@ -8,6 +8,8 @@ the real path (Serve's proxy, the real frontend and router) is tests/e2e/test_gr
 from __future__ import annotations
 
 import asyncio
+import json
+
 import grpc
 import pytest
 
@@ -17,6 +19,7 @@ from deployments.errors import ModelNotFoundError, QueueFullError
 from deployments.frontend import Choice, ModelEntry, Usage
 from deployments.frontend import GenerationDelta as Delta
 from deployments.protocol import Limits
+from deployments.tool_calls import ParsedToolCall
 from protos.qwen2_serve.v1 import qwen2_serve_pb2 as pb
 
 
@@ -74,7 +77,8 @@ class FakeFrontend:
     def list_models(self):
         return [{"id": "m", "task": "generate", "max_model_len": 64, "owned_by": "qwen2-serve"}]
 
-    def render_chat(self, model, messages, **kw):
+    def render_chat(self, model, messages, tools=None, **kw):
+        self.tools = tools
         return "|".join(f"{m['role']}:{m['content']}" for m in messages)
 
     def tokenize(self, model, text, add_special_tokens=False):
@@ -83,8 +87,8 @@ class FakeFrontend:
     def detokenize(self, model, ids):
         return "".join(chr(i) for i in ids)
 
-    async def generate_stream(self, model, prompt, sampling, request_id=None):
-        self.calls.append((model, prompt, sampling))
+    async def generate_stream(self, model, prompt, sampling, request_id=None, **options):
+        self.calls.append((model, prompt, sampling, options))
         try:
             for i in range(sampling["n"]):
                 yield Delta(i, "a", [1], None, None)
@@ -95,10 +99,12 @@ class FakeFrontend:
         finally:
             self.closed = True
 
-    async def generate(self, model, prompt, sampling, request_id=None):
-        self.calls.append((model, prompt, sampling))
+    async def generate(self, model, prompt, sampling, request_id=None, **options):
+        self.calls.append((model, prompt, sampling, options))
         if prompt == "busy":
             raise QueueFullError(retry_after=2.5)
+        if options.get("parse_tool_calls"):
+            return [Choice(0, "ok", [1], None, "tool_calls", [ParsedToolCall("f", '{"x": 1}')])], Usage(3, 1, 4)
         return [Choice(0, "ab", [1, 2], None, "length")], Usage(3, 2, 5)
 
     async def classify(self, model, inputs):
@@ -263,6 +269,38 @@ def test_every_rpc_with_fake_frontend():
     assert run(ing.Detokenize(pb.DetokenizeRequest(token_ids=[97]), ctx)).text == "a"
     assert run(ing.ListModels(pb.ListModelsRequest(), ctx)).models[0].id == "m"
     assert ctx.code is None
+
+
+def test_chat_tools_reach_the_template_and_calls_come_back():
+    ing, ctx = Ingress(), Ctx()
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    chat = [pb.ChatMessage(role="user", content="yo")]
+    g = run(ing.Generate(pb.GenerateRequest(messages=chat, tools_json=json.dumps(tools)), ctx))
+    assert ctx.code is None and ing.frontend.tools == tools and ing.frontend.calls[-1][3]["parse_tool_calls"]
+    assert g.choices[0].finish_reason == "tool_calls" and g.choices[0].text == "ok"
+    call = g.choices[0].tool_calls[0]
+    assert (call.name, call.arguments) == ("f", '{"x": 1}') and call.id.startswith("call")
+    run(ing.Generate(pb.GenerateRequest(messages=chat, tools_json=json.dumps(tools), tool_choice="none"), ctx))
+    assert ing.frontend.tools == tools and not ing.frontend.calls[-1][3]["parse_tool_calls"]
+    run(ing.Generate(pb.GenerateRequest(messages=chat), ctx))
+    assert ing.frontend.tools is None and not ing.frontend.calls[-1][3]["parse_tool_calls"]
+    msg = G.delta_to_proto("id", "m", Delta(0, "", [5], None, "tool_calls", [ParsedToolCall("g", "{}")]))
+    assert [c.name for c in msg.tool_calls] == ["g"] and msg.finish_reason == "tool_calls"
+
+
+@pytest.mark.parametrize("req, param, words", [
+    (pb.GenerateRequest(prompt="x", tools_json="[]"), "tools_json", "only goes with 'messages'"),
+    (pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content="x")], tools_json="[{"), "tools_json",
+     "not valid JSON"),
+    (pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content="x")], tools_json='{"a": 1}'), "tools_json",
+     "JSON array of tool objects"),
+    (pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content="x")], tools_json="[]", tool_choice="required"),
+     "tool_choice", "constrained decoding"),
+])
+def test_chat_tools_errors_name_the_field(req, param, words):
+    ctx = Ctx()
+    run(Ingress().Generate(req, ctx))
+    assert ctx.code == grpc.StatusCode.INVALID_ARGUMENT and ctx.details.startswith(f"{param}: ") and words in ctx.details
 
 
 @pytest.mark.parametrize("method, req, code, param", [

@@ -1,9 +1,10 @@
-"""Tool calls: deployments/tool_calls.py's splitter, and the chat route's `tool_calls` answers.
+"""Tool calls: deployments/tool_calls.py's splitter, and `tool_calls` answers of the chat route.
 
-The route is driven through FastAPI with a stand-in Frontend whose "model" writes a fixed text, and
-read back with the official `openai` client (its own response models parse our JSON and SSE). The
-real app (real model, Serve, the Qwen template rendering `tools`) is tests/e2e/test_http.py; a
-random-weight model never writes a <tool_call> block, so what the model wrote is scripted here.
+The route runs in FastAPI over the real Frontend (detokenizer, stop strings, tool-call splitting) and
+the real Qwen vocabulary; only the Router is scripted: it "generates" the tokens of a fixed answer,
+since a random-weight model never writes a <tool_call> block. The official `openai` client reads
+the answers (its own models parse our JSON and SSE). The real app (real model, Serve, the Qwen
+template rendering `tools`) is tests/e2e/test_http.py.
 """
 
 from __future__ import annotations
@@ -17,18 +18,24 @@ import openai
 import pytest
 
 from deployments import http_ingress
-from deployments.frontend import Frontend, GenerationDelta, Usage
-from deployments.protocol import DEFAULT_LIMITS
-from deployments.tool_calls import (
-    ParsedToolCall,
-    ToolCallSplitter,
-    finish_reason_with_calls,
-    split_tool_calls,
-)
+from deployments.frontend import Frontend, ModelEntry
+from deployments.tool_calls import ParsedToolCall, ToolCallSplitter, finish_reason_with_calls
 
 WEATHER = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "°C"}}\n</tool_call>'
 TIME = '<tool_call>\n{"name": "get_time", "arguments": {"tz": "CET"}}\n</tool_call>'
 ANSWER = "Let me check.\n" + WEATHER + "\n" + TIME
+
+
+def _streamed(pieces: list[str]) -> tuple[str, list[ParsedToolCall]]:
+    splitter = ToolCallSplitter()
+    events = [e for p in pieces for e in splitter.feed(p)] + splitter.finish()
+    return "".join(e for e in events if isinstance(e, str)), [e for e in events if isinstance(e, ParsedToolCall)]
+
+
+def split_tool_calls(text: str) -> tuple[str | None, list[ParsedToolCall]]:
+    """The whole text in one piece -> (content trimmed, or None when only whitespace; calls)."""
+    content, calls = _streamed([text])
+    return content.strip() or None, calls
 
 
 def test_split_finds_calls_in_order_with_the_text_around_them():
@@ -65,12 +72,6 @@ def test_no_tags_is_plain_content():
     assert split_tool_calls("") == (None, [])
 
 
-def _streamed(pieces: list[str]) -> tuple[str, list[ParsedToolCall]]:
-    splitter = ToolCallSplitter()
-    events = [e for p in pieces for e in splitter.feed(p)] + splitter.finish()
-    return "".join(e for e in events if isinstance(e, str)), [e for e in events if isinstance(e, ParsedToolCall)]
-
-
 @pytest.mark.parametrize("text", [ANSWER, WEATHER, "no calls <tool_call at all>", ANSWER + " and <tool_call>{bad}"])
 def test_any_chunking_of_a_stream_gives_the_whole_answer(text):
     whole_content, whole_calls = split_tool_calls(text)
@@ -103,45 +104,54 @@ def test_finish_reason_says_tool_calls_only_when_the_model_stopped_after_calling
 # The chat route
 
 
-class ScriptedFrontend:
-    """Frontend's documented API; its model "writes" `text` in a few pieces, per choice."""
+class Done:
+    """An awaitable that is already done (what a fire-and-forget handle call returns, for the test)."""
 
-    api_key = None
-    limits = DEFAULT_LIMITS
-    generate = Frontend.generate  # the real aggregation of a stream into choices
+    def __await__(self):
+        return iter(())
 
-    def __init__(self, text: str, finish_reason: str = "stop"):
-        self.text, self.finish_reason = text, finish_reason
-        self.prompts = []
 
-    def resolve(self, model, task=None):
-        return type("Entry", (), {"name": "m", "max_model_len": 4096})()
+class ScriptedRouter:
+    """A Router handle whose "model" writes the tokens of `text`, one per step, for every choice."""
 
-    def render_chat(self, model, messages, tools=None, add_generation_prompt=True, **kw):
-        self.prompts.append({"messages": messages, "tools": tools})
-        return "prompt"
+    def __init__(self, token_ids: list[int], finish_reason: str = "stop"):
+        self.token_ids, self.finish_reason = token_ids, finish_reason
+        self.generate, self.abort = self, self
+        self.requests = []
 
-    def tokenize(self, model, text, add_special_tokens=False):
-        return [1, 2, 3]
+    def options(self, stream: bool = False):
+        return self
 
-    async def generate_stream(self, model, prompt, sampling, request_id=None, timeout_s=None):
-        n = int(sampling.get("n") or 1)
-        cuts = [0, 5, 17, 40, 61, len(self.text)]
-        pieces = [self.text[a:b] for a, b in zip(cuts, cuts[1:]) if a < b]
-        for i, piece in enumerate(pieces):
+    def remote(self, request_id, prompt_ids=None, params=None):
+        if prompt_ids is None:  # abort.remote(request_id[, index]): nothing to abort here
+            return Done()
+        self.requests.append(params)
+        return self._outputs(int(params.get("n") or 1))
+
+    async def _outputs(self, n: int):
+        for step, token in enumerate(self.token_ids):
+            last = step == len(self.token_ids) - 1
             for index in range(n):
-                last = i == len(pieces) - 1
-                yield GenerationDelta(index, piece, [7], None, self.finish_reason if last else None)
-        yield Usage(3, len(pieces) * n, 3 + len(pieces) * n)
+                yield {"index": index, "token_ids": [token], "finish_reason": self.finish_reason if last else None,
+                       "num_output_tokens": step + 1, "logprobs": None}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(qwen_tokenizer_dir):
+    from qwen2_model.tokenizer import Qwen2Tokenizer
+
+    return Qwen2Tokenizer.from_pretrained(qwen_tokenizer_dir)
 
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}}}}]
 
 
-def _chat(frontend: ScriptedFrontend, **kw):
-    """Run one chat call through the FastAPI app with the official async openai client."""
-    http_ingress.bind(frontend)
+def _chat(tokenizer, text: str, finish_reason: str = "stop", **kw):
+    """One chat call through the FastAPI app and the real Frontend, read by the official openai client."""
+    router = ScriptedRouter(tokenizer.encode(text), finish_reason)
+    http_ingress.bind(Frontend([ModelEntry("m", path="", task="generate", tokenizer=tokenizer, router=router,
+                                           max_model_len=4096)]))
 
     async def call():
         transport = httpx.ASGITransport(app=http_ingress.app)
@@ -154,15 +164,18 @@ def _chat(frontend: ScriptedFrontend, **kw):
             return result
 
     try:
-        return asyncio.run(call())
+        return asyncio.run(call()), router
     finally:
         http_ingress.bind(None)
 
 
-def test_chat_answers_tool_calls_in_openai_shape():
-    fe = ScriptedFrontend(ANSWER)
-    resp = _chat(fe, tools=TOOLS, n=2)
-    assert fe.prompts[0]["tools"] == TOOLS  # the template gets the tools
+def test_the_qwen_vocabulary_has_the_tags_as_single_tokens(tokenizer):
+    assert len(tokenizer.encode("<tool_call>")) == 1 and len(tokenizer.encode("</tool_call>")) == 1
+
+
+def test_chat_answers_tool_calls_in_openai_shape(tokenizer):
+    resp, _ = _chat(tokenizer, ANSWER, tools=TOOLS, n=2)
+    assert len(resp.choices) == 2
     for choice in resp.choices:
         assert choice.finish_reason == "tool_calls"
         assert choice.message.content == "Let me check."
@@ -170,42 +183,48 @@ def test_chat_answers_tool_calls_in_openai_shape():
         assert [(c.type, c.function.name) for c in calls] == [("function", "get_weather"), ("function", "get_time")]
         assert json.loads(calls[0].function.arguments) == {"city": "Paris", "unit": "°C"}
         assert len({c.id for c in calls}) == 2 and all(c.id.startswith("call") for c in calls)
+    assert resp.usage.completion_tokens == 2 * len(tokenizer.encode(ANSWER))
 
 
-def test_chat_stream_sends_each_call_once_and_the_text_around_it():
-    chunks = _chat(ScriptedFrontend(ANSWER), tools=TOOLS, stream=True)
+def test_chat_stream_sends_each_call_once_and_the_text_around_it(tokenizer):
+    chunks, _ = _chat(tokenizer, ANSWER, tools=TOOLS, stream=True)
     content, calls, finish = "", [], None
     for chunk in chunks:
         for c in chunk.choices:
             content += c.delta.content or ""
             calls += c.delta.tool_calls or []
             finish = c.finish_reason or finish
-    assert content.strip() == "Let me check." and "<tool_call>" not in content
+    assert content.strip() == "Let me check." and "tool_call" not in content
     assert [(c.index, c.function.name) for c in calls] == [(0, "get_weather"), (1, "get_time")]
     assert json.loads(calls[1].function.arguments) == {"tz": "CET"}
     assert finish == "tool_calls"
 
 
-def test_without_tools_or_with_tool_choice_none_the_text_is_untouched():
-    assert _chat(ScriptedFrontend(ANSWER)).choices[0].message.content == ANSWER
-    resp = _chat(ScriptedFrontend(ANSWER), tools=TOOLS, tool_choice="none")
+def test_without_tools_or_with_tool_choice_none_the_text_is_untouched(tokenizer):
+    resp, _ = _chat(tokenizer, ANSWER)
+    assert resp.choices[0].message.content == ANSWER and resp.choices[0].finish_reason == "stop"
+    resp, _ = _chat(tokenizer, ANSWER, tools=TOOLS, tool_choice="none")
     assert resp.choices[0].message.content == ANSWER and resp.choices[0].message.tool_calls is None
     assert resp.choices[0].finish_reason == "stop"
 
 
-def test_a_call_cut_off_by_max_tokens_is_text_with_finish_reason_length():
-    cut = ANSWER[:-20]
-    resp = _chat(ScriptedFrontend(cut, finish_reason="length"), tools=TOOLS)
+def test_a_call_cut_off_by_max_tokens_is_text_with_finish_reason_length(tokenizer):
+    resp, _ = _chat(tokenizer, ANSWER[:-20], finish_reason="length", tools=TOOLS)
     assert resp.choices[0].finish_reason == "length"
     assert [c.function.name for c in resp.choices[0].message.tool_calls] == ["get_weather"]
     assert resp.choices[0].message.content.startswith("Let me check.") and "get_time" in resp.choices[0].message.content
 
 
+def test_stop_strings_apply_before_tool_calls(tokenizer):
+    resp, _ = _chat(tokenizer, ANSWER, tools=TOOLS, stop=["get_time"])
+    assert [c.function.name for c in resp.choices[0].message.tool_calls] == ["get_weather"]
+    # the block cut by the stop string stays text, as written
+    assert resp.choices[0].message.content == "Let me check.\n\n<tool_call>\n{\"name\": \""
+
+
 @pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
-def test_tool_choice_that_needs_constrained_decoding_is_refused(tool_choice):
-    fe = ScriptedFrontend(ANSWER)
+def test_tool_choice_that_needs_constrained_decoding_is_refused(tokenizer, tool_choice):
     with pytest.raises(openai.BadRequestError) as e:
-        _chat(fe, tools=TOOLS, tool_choice=tool_choice)
+        _chat(tokenizer, ANSWER, tools=TOOLS, tool_choice=tool_choice)
     assert e.value.status_code == 400 and e.value.body["param"] == "tool_choice"
     assert "constrained decoding" in e.value.body["message"]
-    assert fe.prompts == []  # refused before anything ran
