@@ -31,7 +31,7 @@ DEFAULT_TARGET = "127.0.0.1:9000"
 SAMPLING_FIELDS: dict[str, type] = {
     "n": int, "max_tokens": int, "min_tokens": int, "temperature": float, "top_p": float, "top_k": int,
     "min_p": float, "repetition_penalty": float, "presence_penalty": float, "frequency_penalty": float,
-    "seed": int, "stop": list, "stop_token_ids": list, "ignore_eos": bool, "logprobs": int,
+    "seed": int, "stop": list, "stop_token_ids": list, "ignore_eos": bool, "logprobs": int, "logit_bias": dict,
 }
 
 
@@ -100,6 +100,8 @@ def build_generate_request(
             req.stop.extend([value] if isinstance(value, str) else list(value))
         elif name == "stop_token_ids":
             req.stop_token_ids.extend(int(t) for t in value)
+        elif name == "logit_bias":
+            req.logit_bias.update({int(t): float(b) for t, b in value.items()})
         else:
             setattr(req, name, SAMPLING_FIELDS[name](value))
     return req

@@ -59,6 +59,7 @@ class Limits:
     max_stop_strings: int = 8
     max_stop_string_chars: int = 256
     max_stop_token_ids: int = 64
+    max_logit_bias: int = 1024  # entries of logit_bias
 
 
 DEFAULT_LIMITS = Limits()
@@ -79,6 +80,7 @@ SAMPLING_DEFAULTS: dict[str, Any] = {
     "stop_token_ids": [],
     "ignore_eos": False,
     "logprobs": None,  # None: no logprobs; k: the sampled token's plus the top k
+    "logit_bias": {},  # token id -> bias in [-100, 100]
     "stop": [],
 }
 COMPLETION_DEFAULT_MAX_TOKENS = 16
@@ -140,13 +142,7 @@ class _SamplingRequest(_Request):
     min_tokens: int | None = 0
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
-
-    @field_validator("logit_bias", mode="after", check_fields=False)
-    @classmethod
-    def _no_logit_bias(cls, v: Any) -> Any:
-        if v:
-            raise ValueError("logit_bias is not supported")
-        return v
+    logit_bias: dict[str, float] | None = None  # OpenAI's: token id (as a JSON key) -> bias
 
 
 class CompletionRequest(_SamplingRequest):
@@ -159,7 +155,6 @@ class CompletionRequest(_SamplingRequest):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
-    logit_bias: dict[str, float] | None = None
 
     @field_validator("echo")
     @classmethod
@@ -228,7 +223,6 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = None
-    logit_bias: dict[str, float] | None = None
     # vLLM extras for the template
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
@@ -594,6 +588,7 @@ def _raw_from_proto(req: ProtoMessage) -> tuple[dict[str, Any], dict[str, str]]:
         "stop_token_ids": list(req.stop_token_ids),
         "ignore_eos": req.ignore_eos,
         "logprobs": opt("logprobs"),
+        "logit_bias": dict(req.logit_bias),
         "stop": list(req.stop),
     }
     return raw, {}
@@ -627,8 +622,8 @@ def to_sampling_fields(req: Any, limits: Limits = DEFAULT_LIMITS) -> dict[str, A
     """A CompletionRequest, ChatCompletionRequest or gRPC GenerateRequest -> engine kwargs.
 
     Returns n, max_tokens, min_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
-    presence_penalty, frequency_penalty, seed, stop_token_ids, ignore_eos, logprobs (the
-    keyword arguments of SamplingParams) plus `stop` (list[str]) which the ingress keeps, since
+    presence_penalty, frequency_penalty, seed, stop_token_ids, ignore_eos, logprobs, logit_bias
+    (the keyword arguments of SamplingParams) plus `stop` (list[str]) which the ingress keeps, since
     stop strings are matched on text after detokenization:
 
         fields = to_sampling_fields(req); stop = fields.pop("stop"); SamplingParams(**fields)
@@ -707,11 +702,32 @@ def to_sampling_fields(req: Any, limits: Limits = DEFAULT_LIMITS) -> dict[str, A
     if logprobs is not None and not 0 <= logprobs <= limits.max_logprobs:
         raise _invalid(P("logprobs"), f"must be between 0 and {limits.max_logprobs}, got {logprobs}")
 
+    out["logit_bias"] = _logit_bias(out["logit_bias"], limits)
     out["ignore_eos"] = bool(out["ignore_eos"])
     # Fixed key order: the SamplingParams signature, then `stop`.
     order = ("n", "max_tokens", "min_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-             "presence_penalty", "frequency_penalty", "seed", "stop_token_ids", "ignore_eos", "logprobs", "stop")
+             "presence_penalty", "frequency_penalty", "seed", "stop_token_ids", "ignore_eos", "logprobs",
+             "logit_bias", "stop")
     return {k: out[k] for k in order}
+
+
+def _logit_bias(value: dict, limits: Limits) -> dict[int, float]:
+    """{"token id" or id: bias} -> {id: bias}; ids are checked against the vocabulary by the engine."""
+    if len(value) > limits.max_logit_bias:
+        raise _invalid("logit_bias", f"at most {limits.max_logit_bias} entries, got {len(value)}")
+    out: dict[int, float] = {}
+    for key, bias in value.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise _invalid("logit_bias", f"keys must be token ids, got {key!r}") from None
+        if token < 0:
+            raise _invalid("logit_bias", f"keys must be non-negative token ids, got {key!r}")
+        bias = float(bias)
+        if not -100.0 <= bias <= 100.0:  # also false for nan
+            raise _invalid("logit_bias", f"values must be in [-100, 100], got {bias} for token {token}")
+        out[token] = bias
+    return out
 
 
 def resolve_max_tokens(

@@ -138,6 +138,10 @@ class Engine:
         if bad:  # the sampler indexes logits with them: an id past the vocabulary would hit another row
             raise EngineError(f"stop_token_ids: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})",
                               param="stop_token_ids")
+        bad = [t for t in params.logit_bias if not (0 <= t < self.vocab_size)]
+        if bad:
+            raise EngineError(f"logit_bias: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})",
+                              param="logit_bias")
         total = len(prompt_token_ids) + params.max_tokens
         if total > self.max_model_len:
             raise EngineError(f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) = "

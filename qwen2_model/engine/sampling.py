@@ -6,12 +6,12 @@ ingress can fill the error body's `param`.
 
 `Sampler` turns one step's logits `[B, V]` into one token per row. Order of processing, as in vLLM:
 
-    min_tokens ban -> repetition penalty -> frequency / presence penalties
+    logit_bias -> min_tokens ban -> repetition penalty -> frequency / presence penalties
       -> (logprobs are taken here) -> temperature -> top_k -> top_p -> min_p -> sample
 
 Logprobs are `log_softmax` of the *penalized* logits, before temperature, top-k, top-p and min-p:
-they describe the model's distribution as adjusted by the penalties, not the truncated one we draw
-from. Greedy rows (temperature ~ 0) take the argmax of the penalized logits.
+they describe the model's distribution as adjusted by the bias and penalties, not the truncated
+one we draw from. Greedy rows (temperature ~ 0) take the argmax of the penalized logits.
 
 Every stage is a vectorized op over the rows that need it, and a stage is skipped when no row uses
 it: a batch of plain greedy rows costs one argmax on the raw logits.
@@ -68,6 +68,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; k >= 0: chosen token's logprob plus top-k
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit, [-100, 100]
 
     def validate(self, max_n: int = 16, max_logprobs: int = 20) -> None:
         """Raise SamplingParamsError (message starts with the field name) on the first bad field."""
@@ -108,6 +109,13 @@ class SamplingParams:
             not _is_int(self.logprobs) or not 0 <= self.logprobs <= max_logprobs
         ):
             bad("logprobs", f"must be an integer in [0, {max_logprobs}] or null, got {self.logprobs!r}")
+        if not isinstance(self.logit_bias, dict):
+            bad("logit_bias", f"must map token ids to numbers, got {self.logit_bias!r}")
+        for token, bias in self.logit_bias.items():
+            if not _is_int(token) or token < 0:
+                bad("logit_bias", f"keys must be non-negative token ids, got {token!r}")
+            if not _is_number(bias) or not -100 <= bias <= 100:
+                bad("logit_bias", f"values must be in [-100, 100], got {bias!r} for token {token}")
 
     @property
     def greedy(self) -> bool:
@@ -171,6 +179,17 @@ def _flat_index(rows: list[int], ids: list[list[int]], V: int, device: torch.dev
     """Row-major flat indices row * V + id for a ragged list of ids per row."""
     flat = [r * V + t for r, row_ids in zip(rows, ids) for t in row_ids]
     return torch.tensor(flat, dtype=torch.long, device=device)
+
+
+def _apply_logit_bias(x: torch.Tensor, states: list[SequenceSamplingState]) -> None:
+    """In place: each row's logit_bias added to its logits (OpenAI's: +-100 forces or bans a token)."""
+    B, V = x.shape
+    rows = [i for i, st in enumerate(states) if st.params.logit_bias]
+    if not rows:
+        return
+    idx = _flat_index(rows, [list(states[i].params.logit_bias) for i in rows], V, x.device)
+    bias = [b for i in rows for b in states[i].params.logit_bias.values()]
+    x.view(-1).index_add_(0, idx, torch.tensor(bias, dtype=x.dtype, device=x.device))
 
 
 def _apply_min_tokens(x: torch.Tensor, states: list[SequenceSamplingState]) -> None:
@@ -322,6 +341,7 @@ def _needs_processing(st: SequenceSamplingState) -> bool:
     return (
         not p.greedy
         or p.logprobs is not None
+        or bool(p.logit_bias)
         or p.uses_repetition_penalty
         or p.uses_output_penalties
         or bool(st.banned_ids())
@@ -343,6 +363,7 @@ class Sampler:
             return SampleOutput(logits.max(dim=-1).indices.tolist(), [None] * B)
 
         x = logits.to(torch.float32, copy=True)  # [B, V]; never write into the caller's tensor
+        _apply_logit_bias(x, states)
         _apply_min_tokens(x, states)
         _apply_repetition_penalty(x, states)
         _apply_output_penalties(x, states)

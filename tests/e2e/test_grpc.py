@@ -189,6 +189,17 @@ def test_generate_chat_messages_match_http(app):
     assert http.json()["usage"]["prompt_tokens"] == resp.usage.prompt_tokens
 
 
+def test_logit_bias_matches_http(app):
+    bias = {5: 100.0}
+    resp = app.stub.Generate(greedy(max_tokens=4, logit_bias=bias), metadata=app.md)
+    http = httpx.post(f"{app.http_url}/v1/completions", headers=app.auth, timeout=60,
+                      json={"model": app.gen, "prompt": PROMPT, "max_tokens": 4, "temperature": 0,
+                            "ignore_eos": True, "logit_bias": {"5": 100.0}})
+    assert http.status_code == 200, http.text
+    assert list(resp.choices[0].token_ids) == [5] * 4
+    assert http.json()["choices"][0]["text"] == resp.choices[0].text
+
+
 def test_generate_chat_with_tools_matches_http(app):
     """tools_json reaches the model's template as HTTP's `tools` do (same prompt, same text)."""
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]

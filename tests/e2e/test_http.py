@@ -185,6 +185,22 @@ def test_chat_with_tools_renders_them_and_refuses_what_it_cannot_promise(client,
     assert e.value.body["param"] == "tool_choice"
 
 
+def test_logit_bias_forces_and_bans_tokens(client, serve_app, reference):
+    tok, greedy = reference
+    ids, text = greedy(tok.encode(PROMPT), 6)
+    forced = tok.encode(" fox")[0]
+    resp = client.completions.create(model=serve_app.generate_model, prompt=PROMPT, max_tokens=6, temperature=0,
+                                     logit_bias={str(forced): 100})
+    assert resp.choices[0].text == tok.decode([forced] * 6)
+    banned = client.completions.create(model=serve_app.generate_model, prompt=PROMPT, max_tokens=6, temperature=0,
+                                       logit_bias={str(ids[0]): -100}, logprobs=0)
+    assert banned.choices[0].text != text and tok.decode([ids[0]]) != banned.choices[0].logprobs.tokens[0]
+    with pytest.raises(openai.BadRequestError) as e:  # an id past the vocabulary, checked by the engine
+        client.completions.create(model=serve_app.generate_model, prompt=PROMPT, max_tokens=2,
+                                  logit_bias={str(10**7): 1})
+    assert e.value.body["param"] == "logit_bias"
+
+
 def test_stop_strings_are_not_emitted(client, serve_app, reference):
     tok, greedy = reference
     _, text = greedy(tok.encode(PROMPT), 24)

@@ -225,6 +225,9 @@ def test_invalid_requests_name_the_field(executor):
     with pytest.raises(EngineError, match="stop_token_ids") as err:  # would index another row's logits
         engine.add_request("s", [1], SamplingParams(stop_token_ids=[executor.config.vocab_size]))
     assert err.value.param == "stop_token_ids"
+    with pytest.raises(EngineError, match="logit_bias") as err:
+        engine.add_request("b", [1], SamplingParams(logit_bias={executor.config.vocab_size: 1.0}))
+    assert err.value.param == "logit_bias"
     engine.add_request("e", [1], SamplingParams())
     with pytest.raises(EngineError, match="already in use"):
         engine.add_request("e", [1], SamplingParams())

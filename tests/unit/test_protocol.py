@@ -180,7 +180,8 @@ def test_request_shapes_accepted():
 # to_sampling_fields: one mapping, same defaults, same limits for HTTP and gRPC
 
 SAMPLING_KEYS = ["n", "max_tokens", "min_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-                 "presence_penalty", "frequency_penalty", "seed", "stop_token_ids", "ignore_eos", "logprobs", "stop"]
+                 "presence_penalty", "frequency_penalty", "seed", "stop_token_ids", "ignore_eos", "logprobs",
+                 "logit_bias", "stop"]
 
 
 def test_defaults_identical_for_http_and_grpc():
@@ -202,10 +203,11 @@ def test_same_fields_for_http_and_grpc():
     knobs = dict(n=2, max_tokens=32, min_tokens=4, temperature=0.7, top_p=0.9, top_k=40, min_p=0.05,
                  repetition_penalty=1.1, presence_penalty=0.5, frequency_penalty=-0.25, seed=1234,
                  stop_token_ids=[151643], ignore_eos=True, logprobs=3)
-    http = P.to_sampling_fields(P.CompletionRequest.model_validate({"prompt": "hi", "stop": "\n", **knobs}))
-    rpc = P.to_sampling_fields(pb.GenerateRequest(prompt="hi", stop=["\n"], **knobs))
+    http = P.to_sampling_fields(P.CompletionRequest.model_validate(
+        {"prompt": "hi", "stop": "\n", "logit_bias": {"42": 5.5, "7": -100}, **knobs}))
+    rpc = P.to_sampling_fields(pb.GenerateRequest(prompt="hi", stop=["\n"], logit_bias={42: 5.5, 7: -100}, **knobs))
     assert http == rpc
-    assert http == {**knobs, "stop": ["\n"]}
+    assert http == {**knobs, "logit_bias": {42: 5.5, 7: -100.0}, "stop": ["\n"]}
 
 
 def test_chat_logprobs_and_max_completion_tokens():
@@ -250,6 +252,10 @@ def _bad(req) -> P.InvalidRequestError:
         ({"frequency_penalty": -3.0}, "frequency_penalty"),
         ({"stop": [""]}, "stop"),
         ({"stop_token_ids": [-1]}, "stop_token_ids"),
+        ({"logit_bias": {"5": 100.5}}, "logit_bias"),  # JSON keys are strings; the proto's are uint32
+        ({"logit_bias": {"5": float("nan")}}, "logit_bias"),
+        ({"logit_bias": {str(i): 1.0 for i in range(1025)}}, "logit_bias"),
+        ({"logit_bias": {"five": 1.0}}, "logit_bias"),
     ],
 )
 def test_limits_name_the_field_for_http_and_grpc(kwargs, param):
@@ -257,7 +263,9 @@ def test_limits_name_the_field_for_http_and_grpc(kwargs, param):
     assert err.param == param and param in err.message
     assert err.to_http()[0] == 400
     # Every case a GenerateRequest can carry fails the same way over gRPC (uint32 has no negatives).
-    if param != "stop_token_ids":
+    if param != "stop_token_ids" and "five" not in kwargs.get("logit_bias", {}):
+        if "logit_bias" in kwargs:
+            kwargs = {"logit_bias": {int(t): b for t, b in kwargs["logit_bias"].items()}}
         err_rpc = _bad(pb.GenerateRequest(prompt="x", **kwargs))
         assert (err_rpc.param, err_rpc.message) == (err.param, err.message)
         assert err_rpc.grpc_status() == grpc.StatusCode.INVALID_ARGUMENT

@@ -209,6 +209,32 @@ def test_penalties_are_per_row():
     assert out.token_ids == [4, 3]
 
 
+# ---------------------------------------------------------------------------- logit_bias
+
+
+def test_logit_bias_forces_and_bans_per_row():
+    logits = torch.randn(3, V)
+    top = logits.argmax(-1).tolist()
+    out = sampler(logits, [state(greedy(logit_bias={11: 100.0})), state(greedy(logit_bias={top[1]: -100.0})),
+                           state(greedy())])
+    second = logits[1].clone()
+    second[top[1]] = float("-inf")
+    assert out.token_ids == [11, second.argmax().item(), top[2]]  # the third row is untouched
+
+
+def test_logit_bias_exact_values_via_logprobs_and_in_sampling():
+    logits = torch.randn(1, V)
+    out = sampler(logits, [state(greedy(logit_bias={3: 2.5, 9: -1.25}, logprobs=V))])
+    expect = logits[0].clone()
+    expect[3] += 2.5
+    expect[9] -= 1.25
+    lp = dict(out.logprobs[0].top)
+    assert all(abs(lp[i] - expect.log_softmax(-1)[i].item()) < 1e-5 for i in range(V))
+    # A sampled row: a -100 bias all but bans a token, +100 all but forces it.
+    assert 0 not in draw_many(torch.zeros(V), SamplingParams(logit_bias={0: -100.0}))
+    assert set(draw_many(torch.zeros(V), SamplingParams(logit_bias={5: 100.0}))) == {5}
+
+
 # ---------------------------------------------------------------------------- min_tokens
 
 
@@ -340,6 +366,7 @@ def test_defaults_valid():
         ("seed", 1.5), ("seed", "7"),
         ("stop_token_ids", [-1]), ("stop_token_ids", [1.0]), ("stop_token_ids", 5),
         ("logprobs", -1), ("logprobs", 21),
+        ("logit_bias", {1: 101.0}), ("logit_bias", {-1: 1.0}), ("logit_bias", {"1": 1.0}), ("logit_bias", [1]),
     ],
 )
 def test_validate_rejects_bad_field(field, value):
