@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Sequence
 
 from google.protobuf.message import Message as ProtoMessage
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidator, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, WrapValidator, field_validator
 
 from deployments.errors import (  # noqa: F401  (re-exported: one import for the ingresses)
     ERROR_CLASSES,
@@ -119,6 +119,36 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+def _unset(v: Any) -> bool:
+    return v is None or v is False or v == "" or v == [] or v == {}
+
+
+# Fields that OpenAI or vLLM clients send, that change what comes back, and that this server does not
+# do. Ignoring them would answer another question than the one asked, so a request that sets one to
+# anything but its neutral value is refused with 400, naming the field.
+_NO_CONSTRAINED_DECODING = "needs constrained (guided) decoding, which this server does not do"
+UNSUPPORTED_FIELDS: dict[str, tuple[Any, str]] = {
+    "echo": (_unset, "echo=true is not supported; send echo=false (the default)"),
+    "suffix": (_unset, "suffix (insertion) is not supported"),
+    "best_of": (lambda v: v in (None, 1), "best_of is not supported; use n"),
+    "response_format": (lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
+                        f"only {{'type': 'text'}} is supported: JSON or schema output {_NO_CONSTRAINED_DECODING}"),
+    **{name: (_unset, _NO_CONSTRAINED_DECODING)
+       for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")},
+    "functions": (_unset, "the legacy `functions` field is not supported; send `tools`"),
+    "function_call": (_unset, "the legacy `function_call` field is not supported; send `tool_choice`"),
+    "use_beam_search": (_unset, "beam search is not supported"),
+    "length_penalty": (lambda v: v in (None, 1, 1.0), "length_penalty applies to beam search, which is not supported"),
+    "prompt_logprobs": (lambda v: v is None, "prompt logprobs are not supported"),
+    "allowed_token_ids": (lambda v: v is None, "is not supported; logit_bias can favour or ban tokens"),
+    "bad_words": (_unset, "is not supported; logit_bias can ban single tokens"),
+    "include_stop_str_in_output": (_unset, "is not supported: stop strings are never part of the output"),
+    "skip_special_tokens": (lambda v: v in (None, True), "special tokens are always skipped in the output"),
+    "truncate_prompt_tokens": (lambda v: v is None, "is not supported: a prompt over the context is refused"),
+    "continue_final_message": (_unset, "is not supported"),
+}
+
+
 class _SamplingRequest(_Request):
     """Sampling fields common to completions and chat (OpenAI's, then vLLM's extras).
 
@@ -144,6 +174,36 @@ class _SamplingRequest(_Request):
     stop_token_ids: list[int] | None = None
     logit_bias: dict[str, float] | None = None  # OpenAI's: token id (as a JSON key) -> bias
 
+    # Declared so that a non-neutral value is refused by name (see UNSUPPORTED_FIELDS), not ignored.
+    echo: Any = None
+    suffix: Any = None
+    best_of: Any = None
+    response_format: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structured_outputs: Any = None
+    functions: Any = None
+    function_call: Any = None
+    use_beam_search: Any = None
+    length_penalty: Any = None
+    prompt_logprobs: Any = None
+    allowed_token_ids: Any = None
+    bad_words: Any = None
+    include_stop_str_in_output: Any = None
+    skip_special_tokens: Any = None
+    truncate_prompt_tokens: Any = None
+    continue_final_message: Any = None
+
+    @field_validator(*UNSUPPORTED_FIELDS)
+    @classmethod
+    def _refuse_unsupported(cls, value: Any, info: ValidationInfo) -> Any:
+        neutral, why = UNSUPPORTED_FIELDS[info.field_name]
+        if not neutral(value):
+            raise ValueError(why)
+        return value
+
 
 class CompletionRequest(_SamplingRequest):
     """POST /v1/completions."""
@@ -152,30 +212,6 @@ class CompletionRequest(_SamplingRequest):
     prompt: PromptInput
     max_tokens: int | None = COMPLETION_DEFAULT_MAX_TOKENS
     logprobs: int | None = None
-    echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = None
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("echo=true is not supported; send echo=false (the default)")
-        return v
-
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, v: str | None) -> str | None:
-        if v:
-            raise ValueError("suffix (insertion) is not supported")
-        return v
-
-    @field_validator("best_of")
-    @classmethod
-    def _no_best_of(cls, v: int | None) -> int | None:
-        if v is not None and v != 1:
-            raise ValueError("best_of is not supported; use n")
-        return v
 
 
 class TextContentPart(_Request):

@@ -427,6 +427,10 @@ def test_400_names_the_field(client, serve_app, http):
     assert r.status_code == 400 and error_of(r)["param"] == "prompt"
     r = http.post("/v1/completions", content=b"{not json", headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and error_of(r)["code"] == "invalid_request"
+    with pytest.raises(openai.BadRequestError) as e:  # asked for JSON output: refused, not ignored
+        client.chat.completions.create(model=serve_app.generate_model, messages=[{"role": "user", "content": "x"}],
+                                       response_format={"type": "json_object"})
+    assert e.value.body["param"] == "response_format" and "constrained" in e.value.body["message"]
 
 
 def test_400_context_length(client, serve_app):

@@ -145,6 +145,29 @@ def test_echo_rejection_is_clear():
     assert "echo=true is not supported" in err.message
 
 
+# A value each refused field may be sent with (refused), and its neutral value (accepted).
+UNSUPPORTED_EXAMPLES = {
+    "echo": (True, False), "suffix": ("end", None), "best_of": (2, 1),
+    "response_format": ({"type": "json_object"}, {"type": "text"}),
+    "guided_json": ({"type": "object"}, None), "guided_regex": ("a+", None), "guided_choice": (["a", "b"], None),
+    "guided_grammar": ("root ::= 'a'", None), "structured_outputs": ({"json": {}}, None),
+    "functions": ([{"name": "f"}], None), "function_call": ("auto", None),
+    "use_beam_search": (True, False), "length_penalty": (0.5, 1.0), "prompt_logprobs": (1, None),
+    "allowed_token_ids": ([1, 2], None), "bad_words": (["x"], []), "include_stop_str_in_output": (True, False),
+    "skip_special_tokens": (False, True), "truncate_prompt_tokens": (8, None), "continue_final_message": (True, False),
+}
+
+
+@pytest.mark.parametrize("model, base", [(P.CompletionRequest, {"prompt": "hi"}),
+                                         (P.ChatCompletionRequest, {"messages": [{"role": "user", "content": "x"}]})])
+@pytest.mark.parametrize("field", sorted(P.UNSUPPORTED_FIELDS))
+def test_fields_we_do_not_do_are_refused_by_name_not_ignored(model, base, field):
+    refused, neutral = UNSUPPORTED_EXAMPLES[field]
+    err = _validation_error(model, {**base, field: refused})
+    assert err.param == field and err.to_http()[0] == 400
+    model.model_validate({**base, field: neutral})
+
+
 def test_fastapi_style_locations_drop_body_prefix():
     class FakeRequestValidationError:
         def errors(self):
