@@ -63,6 +63,8 @@ class RequestOutput:
     finish_reason: str | None  # "stop" | "length" | "abort" | None while running
     num_prompt_tokens: int
     num_output_tokens: int
+    # params.prompt_logprobs: on the choice's first output, prompt tokens 1.. (the first has none)
+    prompt_logprobs: list[TokenLogprob] | None = None
 
     @property
     def finished(self) -> bool:
@@ -162,7 +164,7 @@ class Engine:
         for i in range(params.n):
             seed = None if params.seed is None else params.seed + i
             seq = Sequence(request_id, i, list(prompt_token_ids), params, seed)
-            if i > 0 and self.config.enable_prefix_caching:
+            if i > 0 and self.config.enable_prefix_caching and params.prompt_logprobs is None:
                 seq.wait_for = seqs[0]  # share the parent's prompt blocks through the prefix cache
             seqs.append(seq)
             self.scheduler.add(seq)
@@ -187,6 +189,15 @@ class Engine:
         seq, n = item.seq, item.num_new_tokens
         tokens = seq.token_slice(seq.num_computed, seq.num_computed + n)
         step = SeqStep(seq.seq_id, tokens, seq.num_computed, list(seq.block_table), item.samples)
+        if seq.wants_prompt_logprobs:
+            # The row at position q predicts prompt token q+1: rows from the first not yet computed
+            # (a recompute after preemption skips those already kept) up to the prompt's second-last.
+            first = max(seq.num_computed, len(seq.prompt_logprobs))
+            last = min(seq.num_computed + n, len(seq.prompt_token_ids) - 1)  # exclusive
+            if first < last:
+                step.prompt_logprobs = seq.params.prompt_logprobs
+                step.prompt_targets = seq.prompt_token_ids[first + 1:last + 1]
+                step.prompt_targets_offset = first - seq.num_computed
         if item.samples:
             p = seq.params
             step.params, step.seed = p, seq.seed
@@ -215,6 +226,7 @@ class Engine:
         outputs = []
         for item in scheduled:
             seq = item.seq
+            seq.prompt_logprobs.extend(result.prompt_logprobs.get(seq.seq_id, ()))
             if seq.seq_id not in result.sampled:
                 continue
             token, logprob = result.sampled[seq.seq_id]
@@ -262,8 +274,10 @@ class Engine:
             del self.requests[seq.request_id]
 
     def _output(self, seq: Sequence, tokens: list[int], logprobs: list) -> RequestOutput:
+        first = bool(tokens) and len(seq.output_token_ids) == 1
+        prompt_logprobs = list(seq.prompt_logprobs) if first and seq.params.prompt_logprobs is not None else None
         return RequestOutput(seq.request_id, seq.index, tokens, logprobs, seq.finish_reason,
-                             len(seq.prompt_token_ids), len(seq.output_token_ids))
+                             len(seq.prompt_token_ids), len(seq.output_token_ids), prompt_logprobs)
 
     def refresh_stats(self) -> EngineStats:
         s = self.stats

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..modeling import Qwen2ForCausalLM, Qwen2ForQuestionAnswering, base_model, last_token_index
 from .kv_cache import PagedAttentionBatch, PagedKVCache, SeqSlice
-from .sampling import Sampler, SamplingParams, SequenceSamplingState, TokenLogprob, make_generator
+from .sampling import Sampler, SamplingParams, SequenceSamplingState, TokenLogprob, make_generator, token_logprobs
 
 
 @dataclass
@@ -33,6 +33,10 @@ class SeqStep:
     prompt_token_ids: list[int] | None = None
     output_token_ids: list[int] | None = None
     num_output_tokens: int = 0
+    # Prompt logprobs: rows token_ids[offset:offset + len(targets)] predict `prompt_targets`.
+    prompt_logprobs: int | None = None  # top-k to return with each
+    prompt_targets: list[int] | None = None
+    prompt_targets_offset: int = 0
 
 
 @dataclass
@@ -44,6 +48,7 @@ class StepInput:
 @dataclass
 class StepOutput:
     sampled: dict[int, tuple[int, TokenLogprob | None]]  # seq_id -> (token id, logprobs)
+    prompt_logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)  # seq_id -> this step's
 
 
 @dataclass
@@ -77,7 +82,7 @@ class ModelRunner:
             self.generators.pop(seq_id, None)
         if not step.seqs:
             return StepOutput({})
-        token_ids, positions, slices, sample_rows = [], [], [], []
+        token_ids, positions, slices, sample_rows, prompt_rows = [], [], [], [], []
         for s in step.seqs:
             start = len(token_ids)
             token_ids.extend(s.token_ids)
@@ -85,15 +90,32 @@ class ModelRunner:
             slices.append(SeqSlice(start, len(s.token_ids), s.start_pos + len(s.token_ids), s.block_table))
             if s.sample:
                 sample_rows.append(len(token_ids) - 1)
+            if s.prompt_targets:
+                first = start + s.prompt_targets_offset
+                prompt_rows.extend(range(first, first + len(s.prompt_targets)))
         batch = PagedAttentionBatch(self.cache, slices, self.device)
         hidden = self.decoder.forward_tokens(torch.tensor(token_ids, device=self.device),
                                              torch.tensor(positions, device=self.device), batch)  # [T, E]
-        if not sample_rows:
+        if not sample_rows and not prompt_rows:
             return StepOutput({})
-        logits = self.model.compute_logits(hidden[sample_rows])  # [N, V], all ranks (all-gather inside)
+        # [N + P, V] on all ranks (all-gather inside): sampled rows, then prompt-logprob rows
+        logits = self.model.compute_logits(hidden[sample_rows + prompt_rows])
         if not self.is_sampler:
             return StepOutput({})
-        return self._sample(logits, [s for s in step.seqs if s.sample])
+        out = self._sample(logits[:len(sample_rows)], [s for s in step.seqs if s.sample])
+        out.prompt_logprobs = self._prompt_logprobs(logits[len(sample_rows):], step.seqs)
+        return out
+
+    @staticmethod
+    def _prompt_logprobs(logits: torch.Tensor, seqs: list[SeqStep]) -> dict[int, list[TokenLogprob]]:
+        """logits [P, V] of every prompt-logprob row, in step order -> each sequence's entries."""
+        found, row = {}, 0
+        for s in seqs:
+            if s.prompt_targets:
+                n = len(s.prompt_targets)
+                found[s.seq_id] = token_logprobs(logits[row:row + n], s.prompt_targets, [s.prompt_logprobs] * n)
+                row += n
+        return found
 
     def _sample(self, logits: torch.Tensor, seqs: list[SeqStep]) -> StepOutput:
         states = []

@@ -69,6 +69,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; k >= 0: chosen token's logprob plus top-k
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit, [-100, 100]
+    # None: none; k >= 0: each prompt token's logprob (from the raw logits at the position before
+    # it) plus the top-k there; the prompt's first token has none.
+    prompt_logprobs: int | None = None
 
     def validate(self, max_n: int = 16, max_logprobs: int = 20) -> None:
         """Raise SamplingParamsError (message starts with the field name) on the first bad field."""
@@ -109,6 +112,10 @@ class SamplingParams:
             not _is_int(self.logprobs) or not 0 <= self.logprobs <= max_logprobs
         ):
             bad("logprobs", f"must be an integer in [0, {max_logprobs}] or null, got {self.logprobs!r}")
+        if self.prompt_logprobs is not None and (
+            not _is_int(self.prompt_logprobs) or not 0 <= self.prompt_logprobs <= max_logprobs
+        ):
+            bad("prompt_logprobs", f"must be an integer in [0, {max_logprobs}] or null, got {self.prompt_logprobs!r}")
         if not isinstance(self.logit_bias, dict):
             bad("logit_bias", f"must map token ids to numbers, got {self.logit_bias!r}")
         for token, bias in self.logit_bias.items():
@@ -311,25 +318,28 @@ def _sample_rows(x: torch.Tensor, states: list[SequenceSamplingState]) -> torch.
 # ---------------------------------------------------------------------------- logprobs
 
 
+def token_logprobs(x: torch.Tensor, tokens: list[int], ks: list[int]) -> list[TokenLogprob]:
+    """Row r of logits x [R, V] -> the logprob of tokens[r] and the top ks[r] (log_softmax in fp32)."""
+    V = x.shape[-1]
+    lp = x.float().log_softmax(dim=-1)  # [R, V]
+    chosen = lp.gather(-1, torch.tensor(tokens, device=x.device)[:, None])  # [R, 1]
+    k_max = min(max(ks), V)
+    top_vals, top_ids = lp.topk(k_max, dim=-1) if k_max > 0 else (lp[:, :0], lp[:, :0].long())
+    chosen_l, vals_l, ids_l = chosen[:, 0].tolist(), top_vals.tolist(), top_ids.tolist()
+    return [TokenLogprob(token_id=t, logprob=chosen_l[r], top=list(zip(ids_l[r][:k], vals_l[r][:k])))
+            for r, (t, k) in enumerate(zip(tokens, ks))]
+
+
 def _logprobs(
     x: torch.Tensor, states: list[SequenceSamplingState], tokens: list[int]
 ) -> list[TokenLogprob | None]:
     """log_softmax of the penalized logits for rows that asked; chosen token + top-k."""
     out: list[TokenLogprob | None] = [None] * len(states)
     rows = [i for i, st in enumerate(states) if st.params.logprobs is not None]
-    if not rows:
-        return out
-    V = x.shape[-1]
-    lp = x[rows].log_softmax(dim=-1)  # [R, V]
-    chosen = lp.gather(-1, torch.tensor([tokens[i] for i in rows], device=x.device)[:, None])  # [R, 1]
-    k_max = min(max(states[i].params.logprobs for i in rows), V)
-    top_vals, top_ids = lp.topk(k_max, dim=-1) if k_max > 0 else (lp[:, :0], lp[:, :0].long())
-    chosen_l, vals_l, ids_l = chosen[:, 0].tolist(), top_vals.tolist(), top_ids.tolist()
-    for j, i in enumerate(rows):
-        k = min(states[i].params.logprobs, V)
-        out[i] = TokenLogprob(
-            token_id=tokens[i], logprob=chosen_l[j], top=list(zip(ids_l[j][:k], vals_l[j][:k]))
-        )
+    if rows:
+        found = token_logprobs(x[rows], [tokens[i] for i in rows], [states[i].params.logprobs for i in rows])
+        for i, lp in zip(rows, found):
+            out[i] = lp
     return out
 
 

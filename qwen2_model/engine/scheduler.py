@@ -47,6 +47,8 @@ class Sequence:
     wait_for: "Sequence | None" = None  # n > 1: children wait until the parent's prompt is cached
     first_scheduled_time: float | None = None
     finish_reason: str | None = None
+    # params.prompt_logprobs: entry j is prompt token j+1's (computed once, kept across preemption)
+    prompt_logprobs: list = field(default_factory=list)
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -64,6 +66,12 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Prompt logprobs asked for and not all computed yet (the prompt then skips the prefix cache)."""
+        return self.params.prompt_logprobs is not None and \
+            len(self.prompt_logprobs) < len(self.prompt_token_ids) - 1
 
     @property
     def prefilling(self) -> bool:
@@ -122,6 +130,10 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
+    def _unmatch(self, seq: Sequence) -> None:
+        self.blocks.release(seq.block_table)
+        seq.block_table, seq.block_hashes, seq.num_computed = [], [], 0
+
     def _grow(self, seq: Sequence, num_new: int) -> bool:
         """Make room for `num_new` tokens of `seq`, preempting newer sequences if needed."""
         while True:
@@ -154,7 +166,7 @@ class Scheduler:
             if seq.wait_for is not None and seq.wait_for.status != Status.FINISHED and \
                     seq.wait_for.num_computed < len(seq.wait_for.prompt_token_ids):
                 break
-            if not seq.block_table:
+            if not seq.block_table and not seq.wants_prompt_logprobs:  # cached positions give no logits
                 cached, hashes = self.blocks.match_prefix(seq.all_token_ids)
                 # keep at least one token to compute, so the step produces logits
                 while cached and len(cached) * self.blocks.block_size >= seq.num_tokens:
@@ -165,14 +177,13 @@ class Scheduler:
             num_new = min(seq.num_tokens - seq.num_computed, budget)
             needed = self.blocks.blocks_needed(seq.num_computed + num_new) - len(seq.block_table)
             if needed > self.blocks.num_free - (self.config.watermark_blocks if self.running else 0):
-                if not self.running and needed > self.blocks.num_free:
-                    # nothing will free blocks for it: shrink the chunk to what fits
-                    fit = (len(seq.block_table) + self.blocks.num_free) * self.blocks.block_size - seq.num_computed
-                    if fit <= 0:
-                        break
-                    num_new = min(num_new, fit)
-                else:
+                fit = (len(seq.block_table) + self.blocks.num_free) * self.blocks.block_size - seq.num_computed
+                if self.running or fit <= 0:
+                    # Not admitted: give back the cached blocks it matched. A waiting sequence must
+                    # hold no blocks, or two of them could each hold what the other needs, forever.
+                    self._unmatch(seq)
                     break
+                num_new = min(num_new, fit)  # nothing will free blocks for it: shrink the chunk to what fits
             self.blocks.grow(seq.block_table, seq.num_computed + num_new)
             self.waiting.popleft()
             seq.status = Status.RUNNING

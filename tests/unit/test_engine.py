@@ -68,7 +68,8 @@ def test_seeded_request_same_alone_and_in_busy_batch(executor):
     assert other_seed != alone
 
 
-def test_preemption_under_small_kv_budget_keeps_outputs(checkpoint, executor):
+@pytest.mark.parametrize("prefix_caching", [False, True])  # with it, a preempted prompt may come back from the cache
+def test_preemption_under_small_kv_budget_keeps_outputs(checkpoint, executor, prefix_caching):
     prompts = random_prompts(12, seed=7, lo=20, hi=60)
     params = SamplingParams(max_tokens=40, **GREEDY)
     roomy = make_engine(executor).generate_all(prompts, params)
@@ -77,10 +78,82 @@ def test_preemption_under_small_kv_budget_keeps_outputs(checkpoint, executor):
                                              torch.float32)
     small = LocalExecutor(checkpoint, kv_cache_memory=12 * per_block)
     assert small.num_kv_blocks == 12  # 12 blocks of 16 tokens: far too few for 12 sequences of ~90 tokens
-    engine = make_engine(small, enable_prefix_caching=False)
+    engine = make_engine(small, enable_prefix_caching=prefix_caching)
     tight = engine.generate_all(prompts, params)
     assert engine.stats.preemptions > 0
     assert tight == roomy
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def _run(engine, requests: dict) -> list:
+    """Add {request_id: (prompt, params)} and step until done; every RequestOutput, in order."""
+    for rid, (prompt, params) in requests.items():
+        engine.add_request(rid, prompt, params)
+    outputs = []
+    while engine.has_unfinished():
+        outputs.extend(engine.step())
+    return outputs
+
+
+def _assert_prompt_logprobs_match(executor, prompt: list[int], logprobs, k: int) -> None:
+    with torch.no_grad():
+        ref = executor.model(torch.tensor([prompt]))[0].float().log_softmax(-1)  # [S, V]
+    assert [lp.token_id for lp in logprobs] == prompt[1:]  # one per prompt token after the first
+    for q, lp in enumerate(logprobs):  # the row at position q predicts token q + 1
+        assert abs(lp.logprob - ref[q, prompt[q + 1]].item()) < 1e-4, q
+        assert [t for t, _ in lp.top] == ref[q].topk(k).indices.tolist(), q
+
+
+@pytest.mark.parametrize("budget", [512, 16])  # the whole prompt in one step, or chunks of 16 tokens
+def test_prompt_logprobs_equal_a_full_forward(executor, budget):
+    prompt = random_prompts(1, seed=11, lo=70, hi=71)["r0"]
+    engine = make_engine(executor, max_num_batched_tokens=budget)
+    _run(engine, {"warm": (prompt, SamplingParams(max_tokens=2, **GREEDY))})  # the prompt is now in the prefix cache
+    outputs = _run(engine, {"p": (prompt, SamplingParams(max_tokens=3, n=2, prompt_logprobs=2, **GREEDY))})
+    carrying = [o for o in outputs if o.prompt_logprobs is not None]
+    assert sorted(o.index for o in carrying) == [0, 1]  # each choice's first output, and only that one
+    assert all(o.num_output_tokens == 1 for o in carrying)
+    for o in carrying:
+        _assert_prompt_logprobs_match(executor, prompt, o.prompt_logprobs, 2)
+    plain = _run(engine, {"q": (prompt, SamplingParams(max_tokens=2, **GREEDY))})
+    assert all(o.prompt_logprobs is None for o in plain)
+
+
+def test_prompt_logprobs_survive_preemption(checkpoint, executor):
+    prompts = random_prompts(6, seed=8, lo=30, hi=60)
+    cfg = executor.config
+    per_block = PagedKVCache.bytes_per_block(cfg.num_hidden_layers, 16, cfg.num_key_value_heads, cfg.head_dim,
+                                             torch.float32)
+    engine = make_engine(LocalExecutor(checkpoint, kv_cache_memory=8 * per_block), max_num_batched_tokens=32)
+    params = SamplingParams(max_tokens=30, prompt_logprobs=1, **GREEDY)
+    outputs = _run(engine, {rid: (p, params) for rid, p in prompts.items()})
+    assert engine.stats.preemptions > 0
+    for rid, prompt in prompts.items():
+        (first,) = [o for o in outputs if o.request_id == rid and o.prompt_logprobs is not None]
+        _assert_prompt_logprobs_match(executor, prompt, first.prompt_logprobs, 1)
+
+
+def test_waiting_sequences_hold_no_cached_blocks_so_preemption_cannot_deadlock(checkpoint, executor):
+    """A preempted prompt found in the prefix cache but not admitted must give those blocks back:
+    two waiting sequences each holding cached blocks the other needs used to stall the engine."""
+    prompts = random_prompts(6, seed=8, lo=30, hi=60)
+    params = SamplingParams(max_tokens=30, **GREEDY)
+    roomy = make_engine(executor).generate_all(prompts, params)
+    cfg = executor.config
+    per_block = PagedKVCache.bytes_per_block(cfg.num_hidden_layers, 16, cfg.num_key_value_heads, cfg.head_dim,
+                                             torch.float32)
+    engine = make_engine(LocalExecutor(checkpoint, kv_cache_memory=8 * per_block), max_num_batched_tokens=32)
+    for rid, prompt in prompts.items():
+        engine.add_request(rid, prompt, params)
+    outputs: dict[str, list[int]] = {rid: [] for rid in prompts}
+    for _ in range(2000):  # ~150 steps are needed; a stalled engine would loop forever
+        if not engine.has_unfinished():
+            break
+        for o in engine.step():
+            outputs[o.request_id].extend(o.new_token_ids)
+    assert not engine.has_unfinished(), [(s.request_id, len(s.block_table)) for s in engine.scheduler.waiting]
+    assert engine.stats.preemptions > 0
+    assert outputs == {rid: out[0] for rid, out in roomy.items()}
     assert engine.blocks.num_free == engine.blocks.num_blocks
 
 
