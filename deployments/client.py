@@ -32,6 +32,7 @@ SAMPLING_FIELDS: dict[str, type] = {
     "n": int, "max_tokens": int, "min_tokens": int, "temperature": float, "top_p": float, "top_k": int,
     "min_p": float, "repetition_penalty": float, "presence_penalty": float, "frequency_penalty": float,
     "seed": int, "stop": list, "stop_token_ids": list, "ignore_eos": bool, "logprobs": int, "logit_bias": dict,
+    "echo": bool,
 }
 
 

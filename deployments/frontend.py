@@ -152,6 +152,7 @@ class _ChoiceState:
         self.detok = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens=True)
         self.stop = stop
         self.tool_calls = ToolCallSplitter() if parse_tool_calls else None
+        self.echoed = False  # echo: the prompt went out with the choice's first delta
         self.held = ""  # decoded text not yet emitted: it may be the start of a stop string
         self.finished = False
         self.num_output_tokens = 0
@@ -269,6 +270,12 @@ class Frontend:
             })
         return out
 
+    def _prompt_logprob_entries(self, tokenizer, ids: list[int], raw: list[dict] | None) -> list[dict]:
+        """The prompt's tokens as logprob entries: the first has none (nothing predicts it)."""
+        first = {"token_id": ids[0], "token": self._token_text(tokenizer, ids[0]), "logprob": None,
+                 "top_logprobs": []}
+        return [first] + (self._logprob_entries(tokenizer, raw) or [])
+
     @staticmethod
     def _token_text(tokenizer, token_id: int) -> str:
         # The decoded text of the token (readable, unlike byte-level 'Ġx' forms); ids past the
@@ -298,11 +305,14 @@ class Frontend:
         `sampling` is `to_sampling_fields()` output (with "stop"; max_tokens may be None = the rest
         of the context). `timeout_s` (e.g. a gRPC deadline) can only shorten the server's timeout.
         `parse_tool_calls` (chat with tools): <tool_call> blocks leave the text as `tool_calls`.
+        `sampling["echo"]` (completions): each choice's first delta starts with the prompt (its text,
+        token ids and, with logprobs, the prompt tokens' logprobs, the first one None).
         """
         start = time.monotonic()
         entry = self.resolve(model, "generate")
         params = dict(sampling)
         stop = list(params.pop("stop", None) or [])
+        echo = bool(params.pop("echo", False))
         ids = self._prompt_ids(entry, prompt)
         params["max_tokens"] = resolve_max_tokens(params.get("max_tokens"), len(ids), entry.max_model_len)
         n = int(params.get("n") or 1)
@@ -349,8 +359,16 @@ class Frontend:
                 text, calls = st.split_tool_calls(text, final=reason is not None)
                 if st.tool_calls is not None:
                     reason = finish_reason_with_calls(reason, st.tool_calls.num_calls)
-                yield GenerationDelta(out["index"], text, list(out["token_ids"]),
-                                      self._logprob_entries(entry.tokenizer, out.get("logprobs")), reason, calls)
+                token_ids = list(out["token_ids"])
+                logprobs = self._logprob_entries(entry.tokenizer, out.get("logprobs"))
+                if echo and not st.echoed:
+                    st.echoed = True
+                    text = (prompt if isinstance(prompt, str) else entry.tokenizer.decode(ids)) + text
+                    token_ids = ids + token_ids
+                    if logprobs is not None:
+                        logprobs = self._prompt_logprob_entries(entry.tokenizer, ids, out.get("prompt_logprobs")) \
+                            + logprobs
+                yield GenerationDelta(out["index"], text, token_ids, logprobs, reason, calls)
         finally:
             if not all(engine_done):
                 # Left early (disconnect, deadline, error) or ended by a stop string while the engine

@@ -222,10 +222,11 @@ def usage_to_proto(usage: Any) -> pb.Usage:
 def logprobs_to_proto(logprobs: Iterable[Any] | None) -> list[pb.TokenLogprob]:
     out = []
     for lp in logprobs or ():
+        value = _get(lp, "logprob", None)
         out.append(pb.TokenLogprob(
             token_id=int(_get(lp, "token_id", 0)),
             token=_get(lp, "token", "") or "",
-            logprob=float(_get(lp, "logprob", 0.0)),
+            logprob=None if value is None else float(value),  # None: an echoed prompt's first token
             top_logprobs=[
                 pb.TopLogprob(token_id=int(_get(t, "token_id", 0)), token=_get(t, "token", "") or "",
                               logprob=float(_get(t, "logprob", 0.0)))

@@ -81,6 +81,7 @@ SAMPLING_DEFAULTS: dict[str, Any] = {
     "ignore_eos": False,
     "logprobs": None,  # None: no logprobs; k: the sampled token's plus the top k
     "logit_bias": {},  # token id -> bias in [-100, 100]
+    "echo": False,  # ingress only (completions): the prompt goes out before the completion
     "stop": [],
 }
 COMPLETION_DEFAULT_MAX_TOKENS = 16
@@ -128,7 +129,6 @@ def _unset(v: Any) -> bool:
 # anything but its neutral value is refused with 400, naming the field.
 _NO_CONSTRAINED_DECODING = "needs constrained (guided) decoding, which this server does not do"
 UNSUPPORTED_FIELDS: dict[str, tuple[Any, str]] = {
-    "echo": (_unset, "echo=true is not supported; send echo=false (the default)"),
     "suffix": (_unset, "suffix (insertion) is not supported"),
     "best_of": (lambda v: v in (None, 1), "best_of is not supported; use n"),
     "response_format": (lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
@@ -175,7 +175,6 @@ class _SamplingRequest(_Request):
     logit_bias: dict[str, float] | None = None  # OpenAI's: token id (as a JSON key) -> bias
 
     # Declared so that a non-neutral value is refused by name (see UNSUPPORTED_FIELDS), not ignored.
-    echo: Any = None
     suffix: Any = None
     best_of: Any = None
     response_format: Any = None
@@ -212,6 +211,7 @@ class CompletionRequest(_SamplingRequest):
     prompt: PromptInput
     max_tokens: int | None = COMPLETION_DEFAULT_MAX_TOKENS
     logprobs: int | None = None
+    echo: bool = False  # the prompt before the completion (with logprobs: the prompt tokens' too)
 
 
 class TextContentPart(_Request):
@@ -262,6 +262,15 @@ class ChatCompletionRequest(_SamplingRequest):
     # vLLM extras for the template
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+
+    echo: bool = False  # vLLM's chat echo (of the last message) is not supported
+
+    @field_validator("echo")
+    @classmethod
+    def _no_chat_echo(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("echo is supported by /v1/completions only")
+        return value
 
     @field_validator("tool_choice")
     @classmethod
@@ -625,13 +634,16 @@ def _raw_from_proto(req: ProtoMessage) -> tuple[dict[str, Any], dict[str, str]]:
         "ignore_eos": req.ignore_eos,
         "logprobs": opt("logprobs"),
         "logit_bias": dict(req.logit_bias),
+        "echo": req.echo,
         "stop": list(req.stop),
     }
+    if req.echo and chat_style:
+        raise _invalid("echo", "is supported with 'prompt' or 'prompt_token_ids' only, not with 'messages'")
     return raw, {}
 
 
 def _raw_from_http(req: _SamplingRequest) -> tuple[dict[str, Any], dict[str, str]]:
-    raw = {name: getattr(req, name) for name in SAMPLING_DEFAULTS if name not in ("logprobs",)}
+    raw = {name: getattr(req, name, None) for name in SAMPLING_DEFAULTS if name not in ("logprobs",)}
     params: dict[str, str] = {}  # field -> the request field a client actually sent
     if isinstance(req, ChatCompletionRequest):
         if req.max_completion_tokens is not None:
@@ -658,11 +670,12 @@ def to_sampling_fields(req: Any, limits: Limits = DEFAULT_LIMITS) -> dict[str, A
     """A CompletionRequest, ChatCompletionRequest or gRPC GenerateRequest -> engine kwargs.
 
     Returns n, max_tokens, min_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
-    presence_penalty, frequency_penalty, seed, stop_token_ids, ignore_eos, logprobs, logit_bias
-    (the keyword arguments of SamplingParams) plus `stop` (list[str]) which the ingress keeps, since
-    stop strings are matched on text after detokenization:
+    presence_penalty, frequency_penalty, seed, stop_token_ids, ignore_eos, logprobs, logit_bias,
+    prompt_logprobs (the keyword arguments of SamplingParams) plus `echo` and `stop` (list[str]),
+    which the ingress keeps, since stop strings are matched on text after detokenization:
 
-        fields = to_sampling_fields(req); stop = fields.pop("stop"); SamplingParams(**fields)
+        fields = to_sampling_fields(req); stop = fields.pop("stop"); echo = fields.pop("echo")
+        SamplingParams(**fields)
 
     `max_tokens` is None when the client left it unset in chat style; resolve it with
     `resolve_max_tokens` once the prompt length is known. Raises InvalidRequestError naming the
@@ -740,10 +753,13 @@ def to_sampling_fields(req: Any, limits: Limits = DEFAULT_LIMITS) -> dict[str, A
 
     out["logit_bias"] = _logit_bias(out["logit_bias"], limits)
     out["ignore_eos"] = bool(out["ignore_eos"])
-    # Fixed key order: the SamplingParams signature, then `stop`.
+    out["echo"] = bool(out["echo"])
+    # Echo with logprobs shows the prompt tokens' logprobs too: the engine computes them.
+    out["prompt_logprobs"] = logprobs if out["echo"] else None
+    # Fixed key order: the SamplingParams signature, then the ingress's own `echo` and `stop`.
     order = ("n", "max_tokens", "min_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
              "presence_penalty", "frequency_penalty", "seed", "stop_token_ids", "ignore_eos", "logprobs",
-             "logit_bias", "stop")
+             "logit_bias", "prompt_logprobs", "echo", "stop")
     return {k: out[k] for k in order}
 
 

@@ -5,7 +5,8 @@ plain class so it can also be driven directly in tests. Methods, called through 
 
 - `generate(request_id, prompt_token_ids, params)`: async generator (call with
   `handle.options(stream=True)`) of one plain dict per engine output:
-  `{index, token_ids, logprobs, finish_reason, num_prompt_tokens, num_output_tokens}`.
+  `{index, token_ids, logprobs, finish_reason, num_prompt_tokens, num_output_tokens, prompt_logprobs}`
+  (prompt_logprobs: on a choice's first output, when asked for).
   Cancelling the call (client disconnect, deadline) aborts the request in the engine, which frees
   its KV blocks at once.
 - `abort(request_id, index=None)`: stop a request, or one choice of it (stop strings are matched in
@@ -145,6 +146,8 @@ class Router:
                     "finish_reason": out.finish_reason,
                     "num_prompt_tokens": out.num_prompt_tokens,
                     "num_output_tokens": out.num_output_tokens,
+                    "prompt_logprobs": None if out.prompt_logprobs is None
+                    else [token_logprob_to_dict(lp) for lp in out.prompt_logprobs],
                 }
         except Exception as exc:
             raise map_engine_error(exc) from None

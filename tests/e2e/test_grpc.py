@@ -200,6 +200,25 @@ def test_logit_bias_matches_http(app):
     assert http.json()["choices"][0]["text"] == resp.choices[0].text
 
 
+def test_echo_with_logprobs_matches_http(app):
+    ids = list(app.stub.Tokenize(pb.TokenizeRequest(text=PROMPT), metadata=app.md).token_ids)
+    resp = app.stub.Generate(pb.GenerateRequest(prompt_token_ids=ids, max_tokens=2, temperature=0, ignore_eos=True,
+                                                echo=True, logprobs=0), metadata=app.md)
+    http = httpx.post(f"{app.http_url}/v1/completions", headers=app.auth, timeout=60,
+                      json={"model": app.gen, "prompt": ids, "max_tokens": 2, "temperature": 0, "ignore_eos": True,
+                            "echo": True, "logprobs": 0})
+    assert http.status_code == 200, http.text
+    choice = resp.choices[0]
+    assert list(choice.token_ids[:len(ids)]) == ids and len(choice.token_ids) == len(ids) + 2
+    assert choice.text == http.json()["choices"][0]["text"]
+    assert not choice.logprobs[0].HasField("logprob") and choice.logprobs[1].HasField("logprob")
+    expected = http.json()["choices"][0]["logprobs"]["token_logprobs"]
+    assert [lp.logprob if lp.HasField("logprob") else None for lp in choice.logprobs] == pytest.approx(expected)
+    stream = list(app.stub.GenerateStream(pb.GenerateRequest(prompt=PROMPT, max_tokens=2, temperature=0, echo=True),
+                                          metadata=app.md))
+    assert stream[0].text.startswith(PROMPT)
+
+
 def test_generate_chat_with_tools_matches_http(app):
     """tools_json reaches the model's template as HTTP's `tools` do (same prompt, same text)."""
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]

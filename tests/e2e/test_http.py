@@ -8,6 +8,7 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 
 pytestmark = pytest.mark.slow
 
@@ -199,6 +200,32 @@ def test_logit_bias_forces_and_bans_tokens(client, serve_app, reference):
         client.completions.create(model=serve_app.generate_model, prompt=PROMPT, max_tokens=2,
                                   logit_bias={str(10**7): 1})
     assert e.value.body["param"] == "logit_bias"
+
+
+def test_echo_with_logprobs_scores_the_prompt(client, serve_app, reference):
+    """lm-eval-harness's loglikelihood request (echo + logprobs + max_tokens=1): the prompt tokens'
+    logprobs equal a full forward of the model over the prompt."""
+    from qwen2_model import from_pretrained
+
+    tok, greedy = reference
+    ids = tok.encode(PROMPT)
+    _, first = greedy(ids, 1)
+    resp = client.completions.create(model=serve_app.generate_model, prompt=PROMPT, max_tokens=1, temperature=0,
+                                     echo=True, logprobs=1)
+    choice = resp.choices[0]
+    assert choice.text == PROMPT + first and resp.usage.completion_tokens == 1
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(ids) + 1 and lp.tokens[:len(ids)] == [tok.decode([t]) for t in ids]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and lp.text_offset[0] == 0
+    model = from_pretrained(serve_app.checkpoints[serve_app.generate_model])
+    with torch.no_grad():
+        ref = model(torch.tensor([ids]))[0].float().log_softmax(-1)  # [S, V]: row q predicts token q + 1
+    for q in range(1, len(ids)):
+        assert abs(lp.token_logprobs[q] - ref[q - 1, ids[q]].item()) < 1e-3, q
+        assert len(lp.top_logprobs[q]) == 1
+    stream = client.completions.create(model=serve_app.generate_model, prompt=PROMPT, max_tokens=3, temperature=0,
+                                       echo=True, stream=True)
+    assert "".join(chunk.choices[0].text for chunk in stream) == PROMPT + greedy(ids, 3)[1]
 
 
 def test_stop_strings_are_not_emitted(client, serve_app, reference):

@@ -117,7 +117,7 @@ def _validation_error(model, body) -> P.InvalidRequestError:
         (P.CompletionRequest, {"prompt": {"a": 1}}, "prompt"),
         (P.CompletionRequest, {}, "prompt"),
         (P.CompletionRequest, {"prompt": "hi", "stop": [1]}, "stop"),
-        (P.CompletionRequest, {"prompt": "hi", "echo": True}, "echo"),
+        (P.ChatCompletionRequest, {"messages": [{"role": "user", "content": "x"}], "echo": True}, "echo"),
         (P.ChatCompletionRequest, {"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
         (P.ChatCompletionRequest, {"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
         (P.ChatCompletionRequest,
@@ -140,14 +140,22 @@ def test_validation_error_names_the_field(model, body, param):
     assert status == 400 and out["error"]["param"] == param
 
 
-def test_echo_rejection_is_clear():
-    err = _validation_error(P.CompletionRequest, {"prompt": "hi", "echo": True})
-    assert "echo=true is not supported" in err.message
+def test_echo_is_for_completions_with_prompt_logprobs_when_logprobs_are_asked():
+    err = _validation_error(P.ChatCompletionRequest, {"messages": [{"role": "user", "content": "x"}], "echo": True})
+    assert "echo is supported by /v1/completions only" in err.message
+    for req in (P.CompletionRequest(prompt="hi", echo=True, logprobs=2), pb.GenerateRequest(prompt="hi", echo=True,
+                                                                                            logprobs=2)):
+        fields = P.to_sampling_fields(req)
+        assert fields["echo"] is True and fields["prompt_logprobs"] == 2
+    assert P.to_sampling_fields(P.CompletionRequest(prompt="hi", echo=True))["prompt_logprobs"] is None
+    assert P.to_sampling_fields(P.CompletionRequest(prompt="hi", logprobs=2))["prompt_logprobs"] is None
+    err = _bad(pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content="x")], echo=True))
+    assert err.param == "echo" and "not with 'messages'" in err.message
 
 
 # A value each refused field may be sent with (refused), and its neutral value (accepted).
 UNSUPPORTED_EXAMPLES = {
-    "echo": (True, False), "suffix": ("end", None), "best_of": (2, 1),
+    "suffix": ("end", None), "best_of": (2, 1),
     "response_format": ({"type": "json_object"}, {"type": "text"}),
     "guided_json": ({"type": "object"}, None), "guided_regex": ("a+", None), "guided_choice": (["a", "b"], None),
     "guided_grammar": ("root ::= 'a'", None), "structured_outputs": ({"json": {}}, None),
@@ -204,7 +212,7 @@ def test_request_shapes_accepted():
 
 SAMPLING_KEYS = ["n", "max_tokens", "min_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
                  "presence_penalty", "frequency_penalty", "seed", "stop_token_ids", "ignore_eos", "logprobs",
-                 "logit_bias", "stop"]
+                 "logit_bias", "prompt_logprobs", "echo", "stop"]
 
 
 def test_defaults_identical_for_http_and_grpc():
@@ -230,7 +238,8 @@ def test_same_fields_for_http_and_grpc():
         {"prompt": "hi", "stop": "\n", "logit_bias": {"42": 5.5, "7": -100}, **knobs}))
     rpc = P.to_sampling_fields(pb.GenerateRequest(prompt="hi", stop=["\n"], logit_bias={42: 5.5, 7: -100}, **knobs))
     assert http == rpc
-    assert http == {**knobs, "logit_bias": {42: 5.5, 7: -100.0}, "stop": ["\n"]}
+    assert http == {**knobs, "logit_bias": {42: 5.5, 7: -100.0}, "prompt_logprobs": None, "echo": False,
+                    "stop": ["\n"]}
 
 
 def test_chat_logprobs_and_max_completion_tokens():
