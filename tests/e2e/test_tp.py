@@ -107,8 +107,24 @@ def test_greedy_generation_matches_local(ckpts, preset, tp):
             ref = from_pretrained(path)(torch.tensor(ids))
         assert_same_output(ex.forward_logits(ids), ref, atol=1e-4)
         assert Engine(ex, config).generate_all(PROMPTS, GREEDY) == expected
+        # Prompt logprobs come from the prefill rows' logits, all-gathered over the ranks like the sampled rows'.
+        local = prompt_logprobs(Engine(LocalExecutor(path, kv_cache_memory=KV), config))
+        sharded = prompt_logprobs(Engine(ex, config))
+        assert [lp.token_id for lp in sharded] == PROMPTS["c"][1:]
+        for a, b in zip(sharded, local):
+            assert abs(a.logprob - b.logprob) < 1e-4
+            assert [v for _, v in a.top] == pytest.approx([v for _, v in b.top], abs=1e-4)
     finally:
         ex.shutdown()
+
+
+def prompt_logprobs(engine: Engine) -> list:
+    """Prompt "c" (two prefill chunks at a 32-token budget) with prompt_logprobs=3 -> its logprobs."""
+    engine.add_request("c", PROMPTS["c"], SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=3))
+    outputs = []
+    while engine.has_unfinished():
+        outputs.extend(engine.step())
+    return next(o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None)
 
 
 def assert_dies_within(actor, seconds: float) -> None:
