@@ -95,17 +95,19 @@ class BlockManager:
     # --- prefix cache ------------------------------------------------------------------------
 
     def match_prefix(self, tokens: list[int]) -> tuple[list[int], list[int]]:
-        """Longest run of cached full blocks for `tokens` -> (block ids, their hashes). Takes a reference."""
+        """Longest run of cached full blocks for `tokens` -> (block ids, their hashes). Takes a reference.
+
+        Not counted in the hit statistics: the caller calls `record_lookup` once it uses the match
+        (a sequence that is not admitted gives its match back and looks again later).
+        """
         blocks, hashes, parent = [], [], None
         if not self.enable_prefix_caching:
             return blocks, hashes
         for start in range(0, len(tokens) - self.block_size + 1, self.block_size):
             h = block_hash(parent, tuple(tokens[start:start + self.block_size]))
-            self.prefix_queries += 1
             block = self.cached.get(h)
             if block is None:
                 break
-            self.prefix_hits += 1
             if self.ref_counts[block] == 0:
                 del self.evictable[block]
             self.ref_counts[block] += 1
@@ -113,6 +115,12 @@ class BlockManager:
             hashes.append(h)
             parent = h
         return blocks, hashes
+
+    def record_lookup(self, num_tokens: int, num_hits: int) -> None:
+        """Count one used prefix lookup: the full blocks looked up (up to the first miss) and found."""
+        if self.enable_prefix_caching:
+            self.prefix_queries += min(num_hits + 1, num_tokens // self.block_size)
+            self.prefix_hits += num_hits
 
     def register_full_blocks(self, table: list[int], hashes: list[int], tokens: list[int], num_computed: int) -> None:
         """Publish the blocks of `table` whose tokens are all computed; extends `hashes` in place."""

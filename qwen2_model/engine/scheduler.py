@@ -166,8 +166,10 @@ class Scheduler:
             if seq.wait_for is not None and seq.wait_for.status != Status.FINISHED and \
                     seq.wait_for.num_computed < len(seq.wait_for.prompt_token_ids):
                 break
+            lookup = None  # (tokens, blocks found) of a prefix-cache match made for this admission
             if not seq.block_table and not seq.wants_prompt_logprobs:  # cached positions give no logits
                 cached, hashes = self.blocks.match_prefix(seq.all_token_ids)
+                lookup = (seq.num_tokens, len(cached))
                 # keep at least one token to compute, so the step produces logits
                 while cached and len(cached) * self.blocks.block_size >= seq.num_tokens:
                     self.blocks.release([cached.pop()])
@@ -185,6 +187,8 @@ class Scheduler:
                     break
                 num_new = min(num_new, fit)  # nothing will free blocks for it: shrink the chunk to what fits
             self.blocks.grow(seq.block_table, seq.num_computed + num_new)
+            if lookup is not None:
+                self.blocks.record_lookup(*lookup)
             self.waiting.popleft()
             seq.status = Status.RUNNING
             if seq.first_scheduled_time is None:

@@ -85,3 +85,24 @@ def test_a_later_small_request_does_not_jump_the_queue():
     scheduled = scheduler.schedule()
     assert "small" not in [s.seq.request_id for s in scheduled]
     assert [s.request_id for s in scheduler.waiting] == ["big", "small"]
+
+
+def test_a_waiting_sequence_holds_no_blocks_and_its_lookup_counts_once():
+    """The head of the queue finds its prefix cached but cannot be admitted: it gives the blocks back
+    (held, they could be what a running sequence needs) and is counted once, when it is admitted."""
+    blocks = BlockManager(num_blocks=6, block_size=4)
+    cache_prompt(blocks, list(range(1, 9)))  # 2 cached blocks
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=10, max_num_batched_tokens=100), blocks)
+    big = make_seq("big", 16)  # 4 blocks, runs first
+    scheduler.add(big)
+    scheduler.after_step(scheduler.schedule())
+    queries = blocks.prefix_queries  # big's own lookup (one miss)
+    shared = Sequence("shared", 0, list(range(1, 9)) + [50, 51, 52, 53, 54], SamplingParams(max_tokens=4), None)
+    scheduler.add(shared)  # 13 tokens = 4 blocks: 2 cached + 2 fresh, but only 2 are free (the cached ones)
+    for _ in range(3):
+        assert [s.seq.request_id for s in scheduler.schedule()] == ["big"]
+        assert shared.block_table == [] and shared.num_computed == 0
+        assert blocks.num_free == 2 and (blocks.prefix_queries, blocks.prefix_hits) == (queries, 0)
+    scheduler.finish(big, "stop")
+    assert [(s.seq.request_id, s.num_new_tokens) for s in scheduler.schedule()] == [("shared", 5)]
+    assert (blocks.prefix_queries - queries, blocks.prefix_hits) == (3, 2)  # 2 found, the third missed
