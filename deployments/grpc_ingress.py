@@ -11,7 +11,9 @@ Contract (DESIGN.md, "Wire contract"):
 - Same fields, defaults and limits as HTTP: sampling goes through `protocol.to_sampling_fields`,
   inputs through `protocol.normalize_inputs`, the message size through `check_body_size`.
 - `GenerateRequest` takes exactly one of `prompt`, `prompt_token_ids`, `messages`; `messages`
-  means chat style (the chat template is applied, max_tokens defaults to the rest of the context).
+  means chat style (the chat template is applied, max_tokens defaults to the rest of the context;
+  `tools_json` reaches the template and the model's calls come back in `tool_calls`), the others
+  completion style (`echo` puts the prompt first).
 - Every `ServeError` becomes its gRPC status with details naming the field (`grpc_details()`),
   plus `retry-after` trailing metadata for a full queue. Unary RPCs set the code on the context and
   return an empty message (so trailing metadata travels too); the streaming RPC sets the code and
