@@ -2,7 +2,8 @@
 
 Routes: POST /v1/completions, /v1/chat/completions (both with `stream`: SSE `data: {...}` chunks,
 ending `data: [DONE]`), GET /v1/models, POST /v1/classify, /v1/classify/tokens, /v1/answer,
-/v1/embeddings, /tokenize, /detokenize, GET /health (live), GET /ready (every Router answers).
+/v1/embeddings, /tokenize, /detokenize, GET /v1/models/{model}, GET /health (live), GET /ready
+(every Router answers).
 
 Each route is a thin shell over `Frontend` (deployments/frontend.py), shared with the gRPC ingress.
 Errors: every ServeError and every pydantic validation error becomes OpenAI's error body with the
@@ -316,11 +317,22 @@ async def ready():
     return {"status": "ready", "models": models}
 
 
+def _model_card(m: dict) -> ModelCard:
+    return ModelCard(id=m["id"], owned_by=m["owned_by"], root=m.get("root"), max_model_len=m["max_model_len"],
+                     task=m["task"])
+
+
 @app.get("/v1/models")
 async def list_models():
-    return ModelList(data=[ModelCard(id=m["id"], owned_by=m["owned_by"], root=m.get("root"),
-                                     max_model_len=m["max_model_len"], task=m["task"])
-                           for m in _frontend().list_models()])
+    return ModelList(data=[_model_card(m) for m in _frontend().list_models()])
+
+
+@app.get("/v1/models/{model_id:path}")
+async def retrieve_model(model_id: str):
+    """OpenAI's GET /v1/models/{model} (`client.models.retrieve`); 404 with the served names otherwise."""
+    fe = _frontend()
+    entry = fe.resolve(model_id)
+    return next(_model_card(m) for m in fe.list_models() if m["id"] == entry.name)
 
 
 @app.post("/v1/completions")

@@ -74,6 +74,11 @@ def test_models(client, serve_app):
     assert tasks == {serve_app.generate_model: "generate", serve_app.classify_model: "classify",
                      serve_app.ner_model: "classify_tokens", serve_app.qa_model: "answer"}
     assert all(m["max_model_len"] == serve_app.max_model_len for m in raw)
+    one = client.models.retrieve(serve_app.qa_model)
+    assert one.id == serve_app.qa_model and one.model_dump()["task"] == "answer"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("no-such-model")
+    assert e.value.body["param"] == "model" and serve_app.generate_model in e.value.body["message"]
 
 
 def test_tokenize_detokenize(http, serve_app, reference):
