@@ -139,7 +139,8 @@ UNSUPPORTED_FIELDS: dict[str, tuple[Any, str]] = {
     "function_call": (_unset, "the legacy `function_call` field is not supported; send `tool_choice`"),
     "use_beam_search": (_unset, "beam search is not supported"),
     "length_penalty": (lambda v: v in (None, 1, 1.0), "length_penalty applies to beam search, which is not supported"),
-    "prompt_logprobs": (lambda v: v is None, "prompt logprobs are not supported"),
+    "prompt_logprobs": (lambda v: v is None, "vLLM's prompt_logprobs field is not supported; on /v1/completions "
+                                             "echo=true with logprobs gives the prompt tokens' logprobs"),
     "allowed_token_ids": (lambda v: v is None, "is not supported; logit_bias can favour or ban tokens"),
     "bad_words": (_unset, "is not supported; logit_bias can ban single tokens"),
     "include_stop_str_in_output": (_unset, "is not supported: stop strings are never part of the output"),
