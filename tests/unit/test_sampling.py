@@ -203,6 +203,28 @@ def test_penalties_exact_values_via_logprobs():
     assert all(abs(lp[i] - ref[i].item()) < 1e-5 for i in range(V))
 
 
+def test_penalties_on_a_batch_equal_a_dense_reference():
+    """Several rows, repeated tokens, different penalties (and rows without): the sparse in-place
+    update must equal the textbook dense computation."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(4, V, generator=g)
+    rows = [(1.3, 0.4, 0.2, [1, 1, 3], [3, 3, 7, 7, 7]), (1.0, 0.0, 0.0, [2], [2]),
+            (0.8, -0.5, 0.0, [], [4, 4, 9]), (1.0, 0.0, 1.5, [5, 6], [6])]
+    states = [state(greedy(repetition_penalty=rp, frequency_penalty=fp, presence_penalty=pp, logprobs=V),
+                    prompt=prompt, output=output) for rp, fp, pp, prompt, output in rows]
+    out = sampler(logits, states)
+    for r, (rp, fp, pp, prompt, output) in enumerate(rows):
+        expect = logits[r].clone()
+        for t in set(prompt + output):
+            expect[t] = expect[t] / rp if expect[t] > 0 else expect[t] * rp
+        for t in set(output):
+            expect[t] -= fp * output.count(t) + pp
+        ref = expect.log_softmax(-1)
+        lp = dict(out.logprobs[r].top)
+        assert all(abs(lp[i] - ref[i].item()) < 1e-5 for i in range(V)), r
+        assert out.token_ids[r] == expect.argmax().item()
+
+
 def test_penalties_are_per_row():
     logits = _two_token_logits(2.0, 1.5).expand(2, -1).clone()
     out = sampler(logits, [state(greedy(repetition_penalty=2.0), output=[3]), state(greedy(), output=[3])])
