@@ -314,6 +314,7 @@ class Frontend:
         stop = list(params.pop("stop", None) or [])
         echo = bool(params.pop("echo", False))
         ids = self._prompt_ids(entry, prompt)
+        echo_text = (prompt if isinstance(prompt, str) else entry.tokenizer.decode(ids)) if echo else ""
         params["max_tokens"] = resolve_max_tokens(params.get("max_tokens"), len(ids), entry.max_model_len)
         n = int(params.get("n") or 1)
         request_id = request_id or new_id("req")
@@ -363,7 +364,7 @@ class Frontend:
                 logprobs = self._logprob_entries(entry.tokenizer, out.get("logprobs"))
                 if echo and not st.echoed:
                     st.echoed = True
-                    text = (prompt if isinstance(prompt, str) else entry.tokenizer.decode(ids)) + text
+                    text = echo_text + text
                     token_ids = ids + token_ids
                     if logprobs is not None:
                         logprobs = self._prompt_logprob_entries(entry.tokenizer, ids, out.get("prompt_logprobs")) \

@@ -24,7 +24,16 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Sequence
 
 from google.protobuf.message import Message as ProtoMessage
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, WrapValidator, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    WrapValidator,
+    create_model,
+    field_validator,
+)
 
 from deployments.errors import (  # noqa: F401  (re-exported: one import for the ingresses)
     ERROR_CLASSES,
@@ -150,7 +159,23 @@ UNSUPPORTED_FIELDS: dict[str, tuple[Any, str]] = {
 }
 
 
-class _SamplingRequest(_Request):
+def _refuse_unsupported(cls, value: Any, info: ValidationInfo) -> Any:
+    neutral, why = UNSUPPORTED_FIELDS[info.field_name]
+    if not neutral(value):
+        raise ValueError(why)
+    return value
+
+
+# Every UNSUPPORTED_FIELDS name declared as a field (so pydantic names it in the error instead of
+# dropping it as an unknown field), with the check above; built from the table so the two never drift.
+_RefusedFields = create_model(
+    "_RefusedFields", __base__=_Request,
+    __validators__={"refuse_unsupported": field_validator(*UNSUPPORTED_FIELDS)(_refuse_unsupported)},
+    **{name: (Any, None) for name in UNSUPPORTED_FIELDS},
+)
+
+
+class _SamplingRequest(_RefusedFields):
     """Sampling fields common to completions and chat (OpenAI's, then vLLM's extras).
 
     None means "the default" everywhere; the defaults live in SAMPLING_DEFAULTS.
@@ -174,35 +199,6 @@ class _SamplingRequest(_Request):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     logit_bias: dict[str, float] | None = None  # OpenAI's: token id (as a JSON key) -> bias
-
-    # Declared so that a non-neutral value is refused by name (see UNSUPPORTED_FIELDS), not ignored.
-    suffix: Any = None
-    best_of: Any = None
-    response_format: Any = None
-    guided_json: Any = None
-    guided_regex: Any = None
-    guided_choice: Any = None
-    guided_grammar: Any = None
-    structured_outputs: Any = None
-    functions: Any = None
-    function_call: Any = None
-    use_beam_search: Any = None
-    length_penalty: Any = None
-    prompt_logprobs: Any = None
-    allowed_token_ids: Any = None
-    bad_words: Any = None
-    include_stop_str_in_output: Any = None
-    skip_special_tokens: Any = None
-    truncate_prompt_tokens: Any = None
-    continue_final_message: Any = None
-
-    @field_validator(*UNSUPPORTED_FIELDS)
-    @classmethod
-    def _refuse_unsupported(cls, value: Any, info: ValidationInfo) -> Any:
-        neutral, why = UNSUPPORTED_FIELDS[info.field_name]
-        if not neutral(value):
-            raise ValueError(why)
-        return value
 
 
 class CompletionRequest(_SamplingRequest):

@@ -32,6 +32,14 @@ def make_engine(executor, **config):
     return Engine(executor, EngineConfig(**config))
 
 
+def small_executor(checkpoint, executor, num_blocks: int) -> LocalExecutor:
+    """The same checkpoint with a KV cache of exactly `num_blocks` 16-token blocks."""
+    cfg = executor.config
+    per_block = PagedKVCache.bytes_per_block(cfg.num_hidden_layers, 16, cfg.num_key_value_heads, cfg.head_dim,
+                                             torch.float32)
+    return LocalExecutor(checkpoint, kv_cache_memory=num_blocks * per_block)
+
+
 def random_prompts(n, seed=0, lo=3, hi=90):
     rng = random.Random(seed)
     return {f"r{i}": [rng.randrange(0, 500) for _ in range(rng.randrange(lo, hi))] for i in range(n)}
@@ -73,10 +81,7 @@ def test_preemption_under_small_kv_budget_keeps_outputs(checkpoint, executor, pr
     prompts = random_prompts(12, seed=7, lo=20, hi=60)
     params = SamplingParams(max_tokens=40, **GREEDY)
     roomy = make_engine(executor).generate_all(prompts, params)
-    cfg = executor.config
-    per_block = PagedKVCache.bytes_per_block(cfg.num_hidden_layers, 16, cfg.num_key_value_heads, cfg.head_dim,
-                                             torch.float32)
-    small = LocalExecutor(checkpoint, kv_cache_memory=12 * per_block)
+    small = small_executor(checkpoint, executor, 12)
     assert small.num_kv_blocks == 12  # 12 blocks of 16 tokens: far too few for 12 sequences of ~90 tokens
     engine = make_engine(small, enable_prefix_caching=prefix_caching)
     tight = engine.generate_all(prompts, params)
@@ -121,10 +126,7 @@ def test_prompt_logprobs_equal_a_full_forward(executor, budget):
 
 def test_prompt_logprobs_survive_preemption(checkpoint, executor):
     prompts = random_prompts(6, seed=8, lo=30, hi=60)
-    cfg = executor.config
-    per_block = PagedKVCache.bytes_per_block(cfg.num_hidden_layers, 16, cfg.num_key_value_heads, cfg.head_dim,
-                                             torch.float32)
-    engine = make_engine(LocalExecutor(checkpoint, kv_cache_memory=8 * per_block), max_num_batched_tokens=32)
+    engine = make_engine(small_executor(checkpoint, executor, 8), max_num_batched_tokens=32)
     params = SamplingParams(max_tokens=30, prompt_logprobs=1, **GREEDY)
     outputs = _run(engine, {rid: (p, params) for rid, p in prompts.items()})
     assert engine.stats.preemptions > 0
@@ -139,10 +141,7 @@ def test_waiting_sequences_hold_no_cached_blocks_so_preemption_cannot_deadlock(c
     prompts = random_prompts(6, seed=8, lo=30, hi=60)
     params = SamplingParams(max_tokens=30, **GREEDY)
     roomy = make_engine(executor).generate_all(prompts, params)
-    cfg = executor.config
-    per_block = PagedKVCache.bytes_per_block(cfg.num_hidden_layers, 16, cfg.num_key_value_heads, cfg.head_dim,
-                                             torch.float32)
-    engine = make_engine(LocalExecutor(checkpoint, kv_cache_memory=8 * per_block), max_num_batched_tokens=32)
+    engine = make_engine(small_executor(checkpoint, executor, 8), max_num_batched_tokens=32)
     for rid, prompt in prompts.items():
         engine.add_request(rid, prompt, params)
     outputs: dict[str, list[int]] = {rid: [] for rid in prompts}
