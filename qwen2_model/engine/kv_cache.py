@@ -2,7 +2,9 @@
 
 Engine side, `BlockManager`: fixed-size blocks (16 tokens by default), a free list, per-sequence
 block tables, reference counts. Full blocks are keyed by a hash of their tokens and of everything
-before them (the parent block's hash), so a later request with the same prefix reuses them. A
+before them (the parent block's hash), so a later request with the same prefix reuses them. The
+hash is SHA-256 (`block_hash`): a key collision would hand one request another's K/V, so the key
+must not be forgeable (Python's `hash` maps ints to themselves and is not: vLLM's CVE-2025-25183). A
 cached block whose last user left is not freed but parked in an LRU list and only evicted when a
 fresh block is needed.
 
@@ -14,7 +16,9 @@ chunk as its own call. Indices and masks are built once per step and shared by a
 
 from __future__ import annotations
 
+import hashlib
 import math
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -27,8 +31,15 @@ class NoFreeBlocks(RuntimeError):
     pass
 
 
-def block_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
-    return hash((parent, tokens))
+def block_hash(parent: bytes | None, tokens: tuple[int, ...] | list[int]) -> bytes:
+    """The prefix-cache key of a full block: SHA-256 over the parent block's key and the token ids.
+
+    Collision-resistant, so no prompt can be built to share another prompt's cached blocks
+    (Python's tuple hash is 64 bits, unkeyed for ints, and ints hash to themselves mod 2**61 - 1).
+    Token ids are packed as int64 (the engine admits only ids inside the vocabulary). About 1 us
+    per block on this CPU, once per block of 16 tokens (benchmarks/README.md, "Prefix-cache hash").
+    """
+    return hashlib.sha256((parent or b"") + array("q", tokens).tobytes()).digest()
 
 
 class BlockManager:
@@ -42,8 +53,8 @@ class BlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
         self.free: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() gives low ids first
-        self.cached: dict[int, int] = {}  # block hash -> block id
-        self.hash_of: dict[int, int] = {}  # block id -> block hash (for blocks in `cached`)
+        self.cached: dict[bytes, int] = {}  # block hash -> block id
+        self.hash_of: dict[int, bytes] = {}  # block id -> block hash (for blocks in `cached`)
         self.evictable: OrderedDict[int, None] = OrderedDict()  # cached blocks with ref 0, LRU first
         self.prefix_queries = 0  # blocks looked up
         self.prefix_hits = 0  # blocks found
@@ -94,7 +105,7 @@ class BlockManager:
 
     # --- prefix cache ------------------------------------------------------------------------
 
-    def match_prefix(self, tokens: list[int]) -> tuple[list[int], list[int]]:
+    def match_prefix(self, tokens: list[int]) -> tuple[list[int], list[bytes]]:
         """Longest run of cached full blocks for `tokens` -> (block ids, their hashes). Takes a reference.
 
         Not counted in the hit statistics: the caller calls `record_lookup` once it uses the match
@@ -104,7 +115,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return blocks, hashes
         for start in range(0, len(tokens) - self.block_size + 1, self.block_size):
-            h = block_hash(parent, tuple(tokens[start:start + self.block_size]))
+            h = block_hash(parent, tokens[start:start + self.block_size])
             block = self.cached.get(h)
             if block is None:
                 break
@@ -122,13 +133,13 @@ class BlockManager:
             self.prefix_queries += min(num_hits + 1, num_tokens // self.block_size)
             self.prefix_hits += num_hits
 
-    def register_full_blocks(self, table: list[int], hashes: list[int], tokens: list[int], num_computed: int) -> None:
+    def register_full_blocks(self, table: list[int], hashes: list[bytes], tokens: list[int], num_computed: int) -> None:
         """Publish the blocks of `table` whose tokens are all computed; extends `hashes` in place."""
         if not self.enable_prefix_caching:
             return
         while len(hashes) < num_computed // self.block_size:
             i = len(hashes)
-            h = block_hash(hashes[-1] if hashes else None, tuple(tokens[i * self.block_size:(i + 1) * self.block_size]))
+            h = block_hash(hashes[-1] if hashes else None, tokens[i * self.block_size:(i + 1) * self.block_size])
             hashes.append(h)
             block = table[i]
             if h not in self.cached and block not in self.hash_of:
