@@ -45,7 +45,7 @@ from qwen2_model.engine.engine import Engine, EngineConfig  # noqa: E402
 from qwen2_model.engine.executor import LocalExecutor  # noqa: E402
 from qwen2_model.engine.sampling import SamplingParams  # noqa: E402
 
-DEFAULT_CHECKPOINT = "/tmp/qwen2-serve-bench/qwen2-0.5b-bf16"
+DEFAULT_CHECKPOINT = "/tmp/qwen2-serve-bench/qwen2-0.5b-fp32"
 NUM_VERIFY = 4
 STATIC_BATCH = 8
 LAST_CPU = [0.0]  # process CPU seconds of the last timed run (robust to other processes on the box)
@@ -66,19 +66,19 @@ def make_workload(num_requests: int, seed: int, vocab_size: int, scale: float = 
     return work
 
 
-def ensure_checkpoint(path: str) -> Path:
+def ensure_checkpoint(path: str, dtype: str = "float32") -> Path:
     ckpt = Path(path)
     if not (ckpt / "config.json").is_file():
         from qwen2_model.testing import write_random_checkpoint
-        print(f"writing a random qwen2-0.5b bf16 checkpoint to {ckpt} ...", flush=True)
-        write_random_checkpoint(ckpt, preset="qwen2-0.5b", dtype="bfloat16")
+        print(f"writing a random qwen2-0.5b {dtype} checkpoint to {ckpt} ...", flush=True)
+        write_random_checkpoint(ckpt, preset="qwen2-0.5b", dtype=dtype)
     return ckpt
 
 
 # --- systems --------------------------------------------------------------------------------------
 
 def build_engine(ckpt: Path, args) -> Engine:
-    executor = LocalExecutor(ckpt, dtype="bfloat16", device="cpu", kv_cache_memory=args.kv_cache_memory)
+    executor = LocalExecutor(ckpt, dtype=args.dtype, device="cpu", kv_cache_memory=args.kv_cache_memory)
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           enable_prefix_caching=False)  # random prompts share nothing; keep it honest
     return Engine(executor, config)
@@ -94,9 +94,9 @@ def run_engine(engine: Engine, work) -> tuple[float, list[list[int]]]:
     return seconds, [out[f"r{i}"][0] for i in range(len(work))]
 
 
-def load_hf(ckpt: Path):
+def load_hf(ckpt: Path, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype, attn_implementation="sdpa")
     return model.eval()
 
 
@@ -174,20 +174,20 @@ class StepProfiler:
 
     def install(self, engine: Engine) -> None:
         from qwen2_model import parallel
-        from qwen2_model.engine import kv_cache
+        from qwen2_model.engine import paged_attention
         runner = engine.executor.runner
         self.wrap(parallel.ColumnParallelLinear, "forward", "linear")
         self.wrap(parallel.RowParallelLinear, "forward", "linear")
-        self.wrap(kv_cache.PagedAttentionBatch, "attend", "attention")
-        self.wrap(kv_cache.PagedAttentionBatch, "__init__", "build_inputs")
+        self.wrap(paged_attention.PagedAttentionBatch, "attend", "attention")
+        self.wrap(paged_attention.PagedAttentionBatch, "__init__", "build_inputs")
         self.wrap(runner.decoder, "forward_tokens", "decoder")
         self.wrap(runner.model, "compute_logits", "lm_head")
         self.wrap(runner, "_sample", "sampling")
         self.wrap(runner, "execute", "executor")
         self.wrap(engine.scheduler, "schedule", "schedule")
         # inside attention: the ops, via torch functions the attention module calls
-        if hasattr(kv_cache, "gather_slots"):  # the KV gather as a function (index_select)
-            self.wrap(kv_cache, "gather_slots", "kv_gather")
+        if hasattr(paged_attention, "gather_slots"):  # the KV gather as a function (index_select)
+            self.wrap(paged_attention, "gather_slots", "kv_gather")
         self.wrap(torch.nn.functional, "scaled_dot_product_attention", "sdpa")
         self.wrap(torch.Tensor, "index_copy_", "cache_write")
         orig_getitem = torch.Tensor.__getitem__
@@ -275,7 +275,7 @@ class _Printing(dict):
 @torch.inference_mode()
 def run_microprofile(engine: Engine, batch_seqs: int, context: int) -> None:
     """One decode step of `batch_seqs` sequences at `context` tokens each, split into its parts (min of N)."""
-    from qwen2_model.engine.kv_cache import PagedAttentionBatch, SeqSlice
+    from qwen2_model.engine.paged_attention import PagedAttentionBatch, SeqSlice
     runner = engine.executor.runner
     dec, cache, bs = runner.decoder, runner.cache, engine.blocks.block_size
     per_seq = -(-context // bs)
@@ -376,6 +376,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--kv-cache-memory", type=int, default=1 << 30, help="bytes of KV cache for the engine")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    ap.add_argument("--dtype", default="float32", help="compute dtype of both systems (the checkpoint is float32)")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--profile", action="store_true",
                     help="instead of the comparison: run the engine alone with per-step timers and print the split")
@@ -425,7 +426,7 @@ def main(argv=None) -> int:
     # transformers
     hf_seq_out = None
     if peers or not args.no_verify:
-        model = load_hf(ckpt)
+        model = load_hf(ckpt, getattr(torch, args.dtype))
         _hf_generate(model, torch.tensor([[1, 2, 3]]), torch.ones(1, 3, dtype=torch.long), 2)  # warm-up
         if "sequential" in peers:
             secs, hf_seq_out = run_hf_sequential(model, work)

@@ -2,7 +2,7 @@
 
     python benchmarks/prefix_hash.py [--requests 64 --prompt 512 --output 64]
 
-`kv_cache.block_hash` keys every full KV block (16 tokens) with SHA-256 over the parent key and the
+`block_manager.block_hash` keys every full KV block (16 tokens) with SHA-256 over the parent key and the
 ids, instead of Python's `hash` (forgeable: tests/unit/test_prefix_hash.py). This prints the time
 per block of both keys, then runs the engine (tiny random model, greedy) on one workload twice,
 once with each key, counting the time spent inside the key function per engine step and the step
@@ -17,7 +17,7 @@ import tempfile
 import time
 import timeit
 
-from qwen2_model.engine import kv_cache
+from qwen2_model.engine import block_manager
 from qwen2_model.engine.engine import Engine, EngineConfig
 from qwen2_model.engine.executor import LocalExecutor
 from qwen2_model.engine.sampling import SamplingParams
@@ -46,7 +46,7 @@ def run_engine(checkpoint, key_fn, args) -> dict:
             calls["n"] += 1
             calls["s"] += time.perf_counter() - t
 
-    kv_cache.block_hash = timed  # the BlockManager looks the function up at call time
+    block_manager.block_hash = timed  # the BlockManager looks the function up at call time
     engine = Engine(LocalExecutor(checkpoint, kv_cache_memory=64 << 20), EngineConfig(max_model_len=2048))
     rng = random.Random(0)
     shared = [rng.randrange(400) for _ in range(args.prompt // 2)]  # half of each prompt is a shared prefix
@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--output", type=int, default=64)
     args = parser.parse_args()
-    sha = kv_cache.block_hash
+    sha = block_manager.block_hash
     print(f"per block of 16 ids: sha256 {per_block_us(sha):.2f} us, python hash {per_block_us(python_hash_key):.2f} us")
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = write_random_checkpoint(tmp, preset="tiny", seed=0)
@@ -76,7 +76,7 @@ def main() -> None:
             r = run_engine(checkpoint, fn, args)
             print(f"{name:12s}: {r['steps']} steps, {r['step_ms']:.2f} ms/step, {r['hash_calls']} keys, "
                   f"{r['hash_us_per_step']:.1f} us/step hashing ({r['share'] * 100:.3f}% of step time)")
-    kv_cache.block_hash = sha
+    block_manager.block_hash = sha
 
 
 if __name__ == "__main__":

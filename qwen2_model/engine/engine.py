@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .executor import Executor
-from .kv_cache import BlockManager
+from .block_manager import BlockManager
 from .model_runner import PooledInput, SeqStep, StepInput
 from .sampling import SamplingParams, TokenLogprob
 from .scheduler import ScheduledSeq, Scheduler, SchedulerConfig, Sequence, Status

@@ -14,7 +14,7 @@ import torch
 
 from ..config import Qwen2Config
 from ..loading import from_pretrained
-from .kv_cache import PagedKVCache
+from .paged_attention import PagedKVCache
 from .model_runner import ModelRunner, PooledInput, StepInput, StepOutput
 
 

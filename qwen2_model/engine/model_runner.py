@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..modeling import Qwen2ForCausalLM, Qwen2ForQuestionAnswering, base_model, last_token_index
-from .kv_cache import PagedAttentionBatch, PagedKVCache, SeqSlice
+from .paged_attention import PagedAttentionBatch, PagedKVCache, SeqSlice
 from .sampling import Sampler, SamplingParams, SequenceSamplingState, TokenLogprob, make_generator, token_logprobs
 
 

@@ -16,7 +16,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from .kv_cache import BlockManager, NoFreeBlocks
+from .block_manager import BlockManager, NoFreeBlocks
 from .sampling import SamplingParams
 
 

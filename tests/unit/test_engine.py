@@ -8,7 +8,7 @@ import torch
 
 from qwen2_model.engine.engine import AsyncEngine, Engine, EngineConfig, EngineError, QueueFull
 from qwen2_model.engine.executor import LocalExecutor
-from qwen2_model.engine.kv_cache import PagedKVCache
+from qwen2_model.engine.paged_attention import PagedKVCache
 from qwen2_model.engine.model_runner import PooledInput
 from qwen2_model.engine.sampling import SamplingParams
 from qwen2_model.testing import write_random_checkpoint

@@ -9,7 +9,7 @@ blocks, show that the old key really collides on them, and that the BlockManager
 
 from __future__ import annotations
 
-from qwen2_model.engine.kv_cache import BlockManager, block_hash
+from qwen2_model.engine.block_manager import BlockManager, block_hash
 
 MERSENNE_61 = 2**61 - 1  # CPython: hash(n) == n % (2**61 - 1) for non-negative ints
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from qwen2_model.engine.kv_cache import BlockManager, NoFreeBlocks
+from qwen2_model.engine.block_manager import BlockManager, NoFreeBlocks
 from qwen2_model.engine.sampling import SamplingParams
 from qwen2_model.engine.scheduler import Scheduler, SchedulerConfig, Sequence
 
