@@ -20,6 +20,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .config import DTYPES, Qwen2Config
+from .hardware import DtypeChoice, choose_dtype, cpu_flags, isa_summary
 from .layers import pick_backend
 from .modeling import MODEL_CLASSES
 from .parallel import SINGLE, ParallelContext, ShapeMismatch
@@ -38,10 +39,11 @@ class CheckpointError(ValueError):
 
 
 def parse_dtype(dtype: str | torch.dtype | None, config: Qwen2Config) -> torch.dtype:
+    """An explicit dtype (name or alias), or None for the checkpoint's own."""
     if isinstance(dtype, torch.dtype):
         return dtype
     aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
-    if dtype in (None, "auto"):
+    if dtype is None:
         return config.dtype
     name = aliases.get(dtype, dtype)
     if name not in DTYPES:
@@ -135,17 +137,27 @@ def load_weights(model: nn.Module, files: list[Path], tied: bool) -> None:
 def from_pretrained(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
                     ctx: ParallelContext = SINGLE, attn_backend: str | None = None,
                     architecture: str | None = None) -> nn.Module:
-    """Build the class named by config.json's `architectures` and load its weights (this rank's share)."""
+    """Build the class named by config.json's `architectures` and load its weights (this rank's share).
+
+    dtype: None = the checkpoint's `torch_dtype`; "auto" = the fast dtype for this hardware
+    (hardware.choose_dtype: bf16/fp16 weights compute in fp32 on a CPU without native bf16/fp16);
+    a name ("bfloat16", "fp32", ...) or torch.dtype = exactly that. The choice is `model.dtype_choice`.
+    """
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     config = Qwen2Config.from_pretrained(path)
-    torch_dtype = parse_dtype(dtype, config)
+    device = torch.device(device)
+    if dtype == "auto":  # the fast dtype for this hardware (hardware.py), logged below
+        choice = choose_dtype(config.dtype, None, device)
+    else:
+        explicit = parse_dtype(dtype, config)
+        choice = DtypeChoice(explicit, config.dtype, "requested explicitly" if dtype is not None else "the checkpoint's dtype")
+    torch_dtype = choice.dtype
     files = weight_files(path)
     arch = architecture or config.architecture
     if arch not in MODEL_CLASSES:
         raise CheckpointError(f"architecture {arch!r} is not one of {sorted(MODEL_CLASSES)}")
-    device = torch.device(device)
     backend = pick_backend(attn_backend, device)
     model = MODEL_CLASSES[arch](config, ctx=ctx, dtype=torch_dtype, attn_backend=backend)
     model.to_empty(device=device)  # one uninitialized allocation; filled below
@@ -153,5 +165,8 @@ def from_pretrained(path: str | Path, dtype: str | torch.dtype | None = None, de
     base_model(model).rotary_emb.to_device(device)
     load_weights(model, files, tied=config.tie_word_embeddings)
     model.eval()
+    model.dtype_choice = choice  # read by the executors (start-up log, /v1/models)
     logger.info("loaded %s from %s (%s, %s, rank %d/%d)", arch, path, torch_dtype, device, ctx.rank, ctx.world_size)
+    if ctx.rank == 0:
+        logger.info("compute dtype %s: %s (CPU flags: %s)", choice.name, choice.reason, isa_summary(cpu_flags()))
     return model

@@ -49,12 +49,13 @@ def kv_blocks_for_budget(config: Qwen2Config, kv_cache_memory: int, block_size: 
 
 
 class LocalExecutor:
-    """The whole model in this process."""
+    """The whole model in this process. dtype None or "auto": the fast dtype for this hardware (hardware.py)."""
 
-    def __init__(self, model_path: str | Path, dtype: str | None = None, device: str = "cpu",
+    def __init__(self, model_path: str | Path, dtype: str | None = "auto", device: str = "cpu",
                  kv_cache_memory: int = 256 << 20, block_size: int = 16, gpu_memory_fraction: float = 0.0,
                  attn_backend: str | None = None):
-        self.model = from_pretrained(model_path, dtype=dtype, device=device, attn_backend=attn_backend)
+        self.model = from_pretrained(model_path, dtype=dtype or "auto", device=device, attn_backend=attn_backend)
+        self.dtype_choice = self.model.dtype_choice  # compute dtype and why (shown in /v1/models)
         self.config = self.model.config
         self.architecture = type(self.model).__name__
         self.block_size = block_size

@@ -279,7 +279,6 @@ def test_rotary_inv_freq_in_checkpoint_is_ignored(tiny):
     ("float32", "bf16", torch.bfloat16),
     ("float16", "float32", torch.float32),
     ("bfloat16", None, torch.bfloat16),
-    ("bfloat16", "auto", torch.bfloat16),
     ("float32", None, torch.float32),
 ])
 def test_dtype_cast_on_load(tmp_path, file_dtype, load_dtype, expected):
