@@ -97,13 +97,13 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
     return p.resolve()
 
 
-def _task_of(path: Path) -> tuple[str, dict[int, str], int]:
+def _task_of(path: Path) -> tuple[str, dict[int, str], int, int]:
     from qwen2_model.config import Qwen2Config
     from deployments.frontend import TASK_BY_ARCHITECTURE
 
     config = Qwen2Config.from_pretrained(path)
     return TASK_BY_ARCHITECTURE.get(config.architecture, "generate"), dict(config.id2label), \
-        config.max_position_embeddings
+        config.max_position_embeddings, config.vocab_size
 
 
 @serve.deployment(name="Ingress", **DEFAULT_INGRESS_OPTIONS)
@@ -120,11 +120,11 @@ class Ingress(GrpcIngressMixin):
         entries = []
         for m in models:
             path = resolve_model_path(m["path"])
-            task, id2label, max_pos = _task_of(path)
+            task, id2label, max_pos, vocab_size = _task_of(path)
             max_model_len = int((m.get("engine") or {}).get("max_model_len") or max_pos)
             entries.append(ModelEntry(name=m["name"], path=str(path), task=task,
                                       tokenizer=Qwen2Tokenizer.from_pretrained(path), router=routers[m["name"]],
-                                      max_model_len=max_model_len, id2label=id2label))
+                                      max_model_len=max_model_len, id2label=id2label, vocab_size=vocab_size))
         self.api_key = api_key or None
         self.frontend = Frontend(entries, Limits(**(limits or {})), request_timeout_s=request_timeout_s)
         bind_http(self.frontend, api_key=self.api_key)

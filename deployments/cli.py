@@ -23,7 +23,7 @@ import threading
 from pathlib import Path
 
 GRPC_SERVICERS = [
-    "protos.qwen2_serve.v1.qwen2_serve_pb2_grpc.add_Qwen2ServeServicer_to_server",
+    "deployments.grpc_raw.add_Qwen2ServeServicer_to_server",  # raw request bytes: undecodable -> INVALID_ARGUMENT
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",  # standard grpc.health.v1 Check
 ]
 APP_NAME = "qwen2"

@@ -70,9 +70,12 @@ class ServeError(Exception):
     code: ErrorCode = ErrorCode.INTERNAL
 
     def __init__(self, message: str, *, param: str | None = None, retry_after: float | None = None):
+        # Messages quote client input; a lone surrogate in it would make the error itself
+        # unencodable (UTF-8 JSON, gRPC details), so it is written as its escape.
+        message = _encodable(message)
         super().__init__(message)
         self.message = message
-        self.param = param
+        self.param = None if param is None else _encodable(param)
         self.retry_after = retry_after
 
     @property
@@ -109,6 +112,15 @@ class ServeError(Exception):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.message!r}, param={self.param!r})"
+
+
+def _encodable(text: str) -> str:
+    """`text` with lone surrogates written as backslash escapes ("\\ud800"), so it encodes as UTF-8."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class InvalidRequestError(ServeError):

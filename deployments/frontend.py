@@ -30,6 +30,7 @@ from deployments.protocol import (
     InvalidRequestError,
     Limits,
     ModelNotFoundError,
+    finite_logprob,
     QueueFullError,
     RequestTimeoutError,
     ServeError,
@@ -59,6 +60,12 @@ class ModelEntry:
     router: Any  # DeploymentHandle of the model's Router deployment
     max_model_len: int
     id2label: dict[int, str] = field(default_factory=dict)
+    vocab_size: int = 0  # the model's (config.json); 0: unknown, the tokenizer's size is used
+
+    @property
+    def num_token_ids(self) -> int:
+        """Token ids below this are valid input (the LM head may be padded past the tokenizer)."""
+        return max(self.vocab_size, len(self.tokenizer))
 
     def can(self, task: str | None) -> bool:
         # Every head sits on the decoder, so every model can embed.
@@ -264,8 +271,8 @@ class Frontend:
                 continue
             out.append({
                 "token_id": lp["token_id"], "token": self._token_text(tokenizer, lp["token_id"]),
-                "logprob": lp["logprob"],
-                "top_logprobs": [{"token_id": t, "token": self._token_text(tokenizer, t), "logprob": v}
+                "logprob": finite_logprob(lp["logprob"]),
+                "top_logprobs": [{"token_id": t, "token": self._token_text(tokenizer, t), "logprob": finite_logprob(v)}
                                  for t, v in lp.get("top", [])],
             })
         return out
@@ -295,6 +302,12 @@ class Frontend:
         ids = [int(t) for t in prompt]
         if not ids:
             raise InvalidRequestError("Invalid value for 'prompt': must not be an empty list", param="prompt")
+        # Checked here, before anything uses them: the detokenizer takes 32-bit ids (OverflowError).
+        bound = entry.num_token_ids
+        bad = next((t for t in ids if not 0 <= t < bound), None)
+        if bad is not None:
+            raise InvalidRequestError(f"Invalid value for 'prompt': token id {bad} is outside the vocabulary "
+                                      f"[0, {bound})", param="prompt")
         return ids
 
     async def generate_stream(self, model: str, prompt: str | list[int], sampling: dict,

@@ -26,6 +26,12 @@ Contract (DESIGN.md, "Wire contract"):
 - `grpc.health.v1.Health/Check` (and a one-shot `Watch`) when the proxy is given
   `grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server` too.
 
+Request bytes: with the servicer function of deployments/grpc_raw.py (what the CLI, the tests and
+serve_config.yaml use) Serve's proxy hands the methods the raw request bytes, which are decoded here
+(`decode_request`): bytes that do not decode are INVALID_ARGUMENT. With the generated
+`add_Qwen2ServeServicer_to_server` the methods get the parsed message, and such bytes fail in the
+proxy with UNKNOWN before reaching us.
+
 The conversion helpers are module-level functions so tests/unit/test_grpc_mapping.py can check
 them without Ray.
 """
@@ -52,6 +58,7 @@ from deployments.protocol import (
     DEFAULT_LIMITS,
     Limits,
     check_body_size,
+    check_json_value,
     check_tool_choice,
     new_id,
     normalize_inputs,
@@ -117,6 +124,22 @@ def _invalid(param: str, message: str) -> InvalidRequestError:
     return InvalidRequestError(f"Invalid value for '{param}': {message}", param=param)
 
 
+def decode_request(request: Any, message_class: type) -> Any:
+    """Raw request bytes (deployments/grpc_raw.py) -> the message; a message passes through.
+
+    Bytes that are not a valid `message_class` (corrupt wire format, a string field that is not
+    UTF-8) -> InvalidRequestError, so the client gets INVALID_ARGUMENT naming the problem."""
+    if isinstance(request, message_class):
+        return request
+    if not isinstance(request, (bytes, bytearray, memoryview)):
+        raise InvalidRequestError(f"Expected a {message_class.DESCRIPTOR.full_name} message")
+    try:
+        return message_class.FromString(bytes(request))
+    except Exception as e:  # noqa: BLE001  (DecodeError, or anything else the parser raises)
+        raise InvalidRequestError(f"The request is not a valid {message_class.DESCRIPTOR.full_name} message: "
+                                  f"{e}") from None
+
+
 def model_arg(model: str) -> str | None:
     """Proto's empty string means "the served model" (HTTP's None)."""
     return model or None
@@ -151,7 +174,7 @@ def generate_input(request: pb.GenerateRequest) -> tuple[str, str | list[int] | 
     return kind, messages
 
 
-def chat_tools(request: pb.GenerateRequest, kind: str) -> tuple[list[dict] | None, bool]:
+def chat_tools(request: pb.GenerateRequest, kind: str, limits: Limits = DEFAULT_LIMITS) -> tuple[list[dict] | None, bool]:
     """`tools_json` / `tool_choice` -> (tools for the chat template, parse tool calls?), as HTTP's."""
     if not request.tools_json:
         if request.tool_choice:
@@ -161,8 +184,11 @@ def chat_tools(request: pb.GenerateRequest, kind: str) -> tuple[list[dict] | Non
         raise _invalid("tools_json", "only goes with 'messages' (chat)")
     try:
         tools = json.loads(request.tools_json)
+    except RecursionError:
+        raise _invalid("tools_json", f"JSON nested deeper than {limits.max_json_depth} levels") from None
     except ValueError as e:
         raise _invalid("tools_json", f"is not valid JSON ({e})") from None
+    check_json_value(tools, "tools_json", limits)  # nesting, lone surrogates ("\ud800" escapes)
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         raise _invalid("tools_json", "must be a JSON array of tool objects")
     _check_tool_choice(request.tool_choice)
@@ -411,19 +437,24 @@ class GrpcIngressMixin:
             key = getattr(getattr(self, "frontend", None), "api_key", None)
         return key or None
 
-    def _grpc_check(self, request: Any, grpc_context: Any) -> None:
-        """Auth first (an unauthenticated caller learns nothing else), then the message size."""
+    def _grpc_check(self, request: Any, grpc_context: Any, message_class: type) -> Any:
+        """Auth first (an unauthenticated caller learns nothing else), then the message size, then
+        the decode of raw request bytes -> the request message."""
         check_api_key(metadata_value(grpc_context, "authorization"), self._grpc_api_key())
-        try:
-            size = request.ByteSize()
-        except Exception:  # pragma: no cover
-            return
+        if isinstance(request, (bytes, bytearray, memoryview)):
+            size = len(request)
+        else:
+            try:
+                size = request.ByteSize()
+            except Exception:  # pragma: no cover
+                size = 0
         check_body_size(size, self._grpc_limits())
+        return decode_request(request, message_class)
 
-    async def _grpc_unary(self, request: Any, grpc_context: Any, empty: Any, call: Any) -> Any:
+    async def _grpc_unary(self, request: Any, grpc_context: Any, message_class: type, empty: Any, call: Any) -> Any:
         try:
-            self._grpc_check(request, grpc_context)
-            return await call()
+            request = self._grpc_check(request, grpc_context, message_class)
+            return await call(request)
         except ServeError as e:
             apply_error(grpc_context, e)
             return empty
@@ -448,7 +479,7 @@ class GrpcIngressMixin:
     def _generate_args(self, request: pb.GenerateRequest, grpc_context: Any) -> tuple[str, str | list[int], dict, dict]:
         """-> model, prompt, sampling, and the frontend's keyword arguments (deadline, tool-call parsing)."""
         kind, value = generate_input(request)
-        tools, parse_tool_calls = chat_tools(request, kind)
+        tools, parse_tool_calls = chat_tools(request, kind, self._grpc_limits())
         sampling = sampling_fields(request, self._grpc_limits())
         model = self._resolve_name(request.model, "generate")
         if kind == "messages":
@@ -459,20 +490,20 @@ class GrpcIngressMixin:
         return model, prompt, sampling, options
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context: Any = None) -> pb.GenerateResponse:
-        async def call() -> pb.GenerateResponse:
+        async def call(request: Any) -> pb.GenerateResponse:
             model, prompt, sampling, options = self._generate_args(request, grpc_context)
             request_id = new_id("cmpl")
             choices, usage = await self.frontend.generate(model, prompt, sampling, request_id=request_id, **options)
             return generate_response(request_id, model, choices, usage)
 
-        return await self._grpc_unary(request, grpc_context, pb.GenerateResponse(), call)
+        return await self._grpc_unary(request, grpc_context, pb.GenerateRequest, pb.GenerateResponse(), call)
 
     async def GenerateStream(
         self, request: pb.GenerateRequest, grpc_context: Any = None
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
         stream = None
         try:
-            self._grpc_check(request, grpc_context)
+            request = self._grpc_check(request, grpc_context, pb.GenerateRequest)
             model, prompt, sampling, options = self._generate_args(request, grpc_context)
             request_id = new_id("cmpl")
             stream = self.frontend.generate_stream(model, prompt, sampling, request_id=request_id, **options)
@@ -498,39 +529,39 @@ class GrpcIngressMixin:
     # -- one-shot tasks -------------------------------------------------------------------------
 
     async def Classify(self, request: pb.ClassifyRequest, grpc_context: Any = None) -> pb.ClassifyResponse:
-        async def call() -> pb.ClassifyResponse:
+        async def call(request: Any) -> pb.ClassifyResponse:
             inputs = batch_inputs(request.input, "input", self._grpc_limits())
             model = self._resolve_name(request.model, "classify")
             results, usage = await self.frontend.classify(model, inputs)
             return classify_response(new_id("classify"), model, results, usage)
 
-        return await self._grpc_unary(request, grpc_context, pb.ClassifyResponse(), call)
+        return await self._grpc_unary(request, grpc_context, pb.ClassifyRequest, pb.ClassifyResponse(), call)
 
     async def ClassifyTokens(
         self, request: pb.ClassifyTokensRequest, grpc_context: Any = None
     ) -> pb.ClassifyTokensResponse:
-        async def call() -> pb.ClassifyTokensResponse:
+        async def call(request: Any) -> pb.ClassifyTokensResponse:
             text = required_text(request.input, "input")
             aggregation = choose(request.aggregation, AGGREGATIONS, "aggregation")
             model = self._resolve_name(request.model, "classify_tokens")
             tokens, entities = await self.frontend.classify_tokens(model, text, aggregation=aggregation)
             return classify_tokens_response(tokens, entities)
 
-        return await self._grpc_unary(request, grpc_context, pb.ClassifyTokensResponse(), call)
+        return await self._grpc_unary(request, grpc_context, pb.ClassifyTokensRequest, pb.ClassifyTokensResponse(), call)
 
     async def AnswerQuestion(
         self, request: pb.AnswerQuestionRequest, grpc_context: Any = None
     ) -> pb.AnswerQuestionResponse:
-        async def call() -> pb.AnswerQuestionResponse:
+        async def call(request: Any) -> pb.AnswerQuestionResponse:
             question = required_text(request.question, "question")
             context = required_text(request.context, "context")
             model = self._resolve_name(request.model, "answer")
             return answer_response(await self.frontend.answer(model, question, context))
 
-        return await self._grpc_unary(request, grpc_context, pb.AnswerQuestionResponse(), call)
+        return await self._grpc_unary(request, grpc_context, pb.AnswerQuestionRequest, pb.AnswerQuestionResponse(), call)
 
     async def Embed(self, request: pb.EmbedRequest, grpc_context: Any = None) -> pb.EmbedResponse:
-        async def call() -> pb.EmbedResponse:
+        async def call(request: Any) -> pb.EmbedResponse:
             inputs = batch_inputs(request.input, "input", self._grpc_limits())
             pooling = choose(request.pooling, POOLINGS, "pooling")
             normalize = request.normalize if request.HasField("normalize") else True
@@ -538,12 +569,12 @@ class GrpcIngressMixin:
             vectors, usage = await self.frontend.embed(model, inputs, pooling=pooling, normalize=normalize)
             return embed_response(model, vectors, usage)
 
-        return await self._grpc_unary(request, grpc_context, pb.EmbedResponse(), call)
+        return await self._grpc_unary(request, grpc_context, pb.EmbedRequest, pb.EmbedResponse(), call)
 
     # -- tokenizer and models -------------------------------------------------------------------
 
     async def Tokenize(self, request: pb.TokenizeRequest, grpc_context: Any = None) -> pb.TokenizeResponse:
-        async def call() -> pb.TokenizeResponse:
+        async def call(request: Any) -> pb.TokenizeResponse:
             entry = self.frontend.resolve(model_arg(request.model))
             model = entry_name(entry, request.model)
             special = request.add_special_tokens if request.HasField("add_special_tokens") else True
@@ -551,21 +582,21 @@ class GrpcIngressMixin:
             return pb.TokenizeResponse(token_ids=ids, count=len(ids),
                                        max_model_len=int(_get(entry, "max_model_len", 0) or 0))
 
-        return await self._grpc_unary(request, grpc_context, pb.TokenizeResponse(), call)
+        return await self._grpc_unary(request, grpc_context, pb.TokenizeRequest, pb.TokenizeResponse(), call)
 
     async def Detokenize(self, request: pb.DetokenizeRequest, grpc_context: Any = None) -> pb.DetokenizeResponse:
-        async def call() -> pb.DetokenizeResponse:
+        async def call(request: Any) -> pb.DetokenizeResponse:
             model = self._resolve_name(request.model)
             with renamed_params({"tokens": "token_ids"}):  # HTTP's field name -> the proto's
                 return pb.DetokenizeResponse(text=self.frontend.detokenize(model, list(request.token_ids)))
 
-        return await self._grpc_unary(request, grpc_context, pb.DetokenizeResponse(), call)
+        return await self._grpc_unary(request, grpc_context, pb.DetokenizeRequest, pb.DetokenizeResponse(), call)
 
     async def ListModels(self, request: pb.ListModelsRequest, grpc_context: Any = None) -> pb.ListModelsResponse:
-        async def call() -> pb.ListModelsResponse:
+        async def call(request: Any) -> pb.ListModelsResponse:
             return list_models_response(self.frontend.list_models())
 
-        return await self._grpc_unary(request, grpc_context, pb.ListModelsResponse(), call)
+        return await self._grpc_unary(request, grpc_context, pb.ListModelsRequest, pb.ListModelsResponse(), call)
 
     # -- grpc.health.v1 -------------------------------------------------------------------------
     # Serve's proxy routes by method name, so these answer /grpc.health.v1.Health/{Check,Watch}

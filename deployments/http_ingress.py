@@ -8,8 +8,10 @@ ending `data: [DONE]`), GET /v1/models, POST /v1/classify, /v1/classify/tokens, 
 Each route is a thin shell over `Frontend` (deployments/frontend.py), shared with the gRPC ingress.
 Errors: every ServeError and every pydantic validation error becomes OpenAI's error body with the
 status of DESIGN.md's table (429 carries Retry-After). Before any route runs, one ASGI middleware
-checks the API key (when one is set; /health and /ready are open) and caps the body size, from
-Content-Length and from the bytes actually received. A streamed response whose client goes away
+checks the API key (when one is set; /health and /ready are open), caps the body size, from
+Content-Length and from the bytes actually received, and screens the JSON body for what pydantic
+would pass on to code that breaks on it (`screen_json_body`: lone UTF-16 surrogates anywhere,
+nesting deeper than `Limits.max_json_depth`). A streamed response whose client goes away
 is cancelled, which cancels the Router call and frees the request's KV blocks.
 
 The Ingress replica installs its Frontend with `bind(frontend, api_key=...)`.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 from typing import Any, AsyncIterator
 
@@ -56,6 +59,8 @@ from deployments.protocol import (
     EmbeddingRequest,
     EmbeddingResponse,
     FunctionCall,
+    InvalidRequestError,
+    Limits,
     ModelCard,
     ModelList,
     ServeError,
@@ -67,6 +72,7 @@ from deployments.protocol import (
     UnavailableError,
     UsageInfo,
     check_api_key,
+    check_json_value,
     encode_embedding,
     new_id,
     normalize_inputs,
@@ -101,6 +107,29 @@ def error_response(err: ServeError) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # JSON's \ud800..\udfff
+
+
+def screen_json_body(body: bytes, limits: Limits) -> None:
+    """Refuse a JSON body with a lone surrogate anywhere or nested too deeply (InvalidRequestError).
+
+    A cheap look first: only a body with a surrogate escape, or with more brackets than the depth
+    limit, is parsed and walked (valid surrogate pairs, i.e. emoji, pass). A body that is not JSON
+    is left to FastAPI, which reports it.
+    """
+    if not body:
+        return
+    if not (_SURROGATE_ESCAPE.search(body) or body.count(b"[") + body.count(b"{") > limits.max_json_depth):
+        return
+    try:
+        value = json.loads(body)
+    except RecursionError:
+        raise InvalidRequestError(f"Request body is JSON nested deeper than {limits.max_json_depth} levels") from None
+    except ValueError:
+        return
+    check_json_value(value, None, limits)
+
+
 class GuardMiddleware:
     """API key + body size cap, before FastAPI reads anything (pure ASGI, so streaming is untouched)."""
 
@@ -131,6 +160,7 @@ class GuardMiddleware:
                 if len(body) > limit:
                     raise BodyTooLargeError(f"Request body is over the limit of {limit} bytes")
                 more = msg.get("more_body", False)
+            screen_json_body(body, fe.limits if fe else Limits())
         except ServeError as err:
             return await error_response(err)(scope, receive, send)
         replayed = False
@@ -161,10 +191,14 @@ async def _validation_error(request: Request, exc: RequestValidationError):
 
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException):
-    """Unknown route (404) or method (405): the same OpenAI error body as every other error."""
+    """Unknown route (404) or method (405), or a body Starlette could not parse (400): the same
+    OpenAI error body as every other error, `code` a string as everywhere."""
+    if exc.status_code == 400:
+        return error_response(InvalidRequestError(f"Request body could not be parsed: {exc.detail}"))
     kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
     body = {"error": {"message": f"{request.method} {request.url.path}: {exc.detail}", "type": kind,
-                      "param": None, "code": exc.status_code}}
+                      "param": None, "code": code}}
     return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 

@@ -9,6 +9,10 @@
   and the `Limits`, so the two ingresses cannot disagree.
 - Small helpers the ingresses need around that: `normalize_inputs`, `resolve_max_tokens`,
   `check_body_size`, `encode_embedding`, `new_id`.
+- Checks on hostile input that pydantic and protobuf let through: `check_json_value` (nesting depth
+  and lone UTF-16 surrogates in any parsed JSON: a whole HTTP body, gRPC `tools_json`),
+  `parse_request_timeout` (strict decimal seconds), `finite_logprob` (logprobs always finite, so
+  the answer is valid JSON).
 
 The error contract lives in deployments/errors.py and is re-exported here.
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import math
+import re
 import struct
 import time
 import uuid
@@ -69,6 +74,10 @@ class Limits:
     max_stop_string_chars: int = 256
     max_stop_token_ids: int = 64
     max_logit_bias: int = 1024  # entries of logit_bias
+    # Nesting of any JSON a client sends (the HTTP body, gRPC tools_json): a tool's JSON schema
+    # nests about two levels per schema level. Deeper input is refused before it reaches the chat
+    # template, whose rendering recurses once per level (a RecursionError at a few hundred).
+    max_json_depth: int = 64
 
 
 DEFAULT_LIMITS = Limits()
@@ -842,17 +851,68 @@ def normalize_inputs(
     return batch
 
 
+_DECIMAL = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
+
+
 def parse_request_timeout(value: str | None, name: str, kind: str = "header") -> float | None:
-    """A client's `x-request-timeout` (HTTP header or gRPC metadata) in seconds; None when absent."""
+    """A client's `x-request-timeout` (HTTP header or gRPC metadata) in seconds; None when absent.
+
+    Strict: a plain decimal number of seconds (`5`, `2.5`, `1e3`), finite and > 0, with at most
+    spaces or tabs around it (HTTP's optional whitespace). Python's `float` would also take
+    "inf", "nan", "1_0" and other spellings; those are refused with a 400 naming the header.
+    """
     if value is None:
         return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise InvalidRequestError(f"Invalid value for {kind} '{name}': not a number", param=name) from None
-    if not seconds > 0:
-        raise InvalidRequestError(f"Invalid value for {kind} '{name}': must be > 0", param=name)
+    text = value.strip(" \t")
+    if not _DECIMAL.fullmatch(text):
+        raise InvalidRequestError(f"Invalid value for {kind} '{name}': {value[:40]!r} is not a number of seconds "
+                                  f"(e.g. '30' or '2.5')", param=name)
+    seconds = float(text)
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise InvalidRequestError(f"Invalid value for {kind} '{name}': must be a finite number > 0, got {text[:40]}",
+                                  param=name)
     return seconds
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_text(value: str, param: str) -> None:
+    """Refuse a string with a lone UTF-16 surrogate (JSON's "\\ud800"): it is not text, it cannot
+    be encoded as UTF-8, and the tokenizer and every encoder downstream would fail on it."""
+    if not value.isascii() and _SURROGATE.search(value):
+        raise _invalid(param, "contains a lone UTF-16 surrogate (\\ud800-\\udfff), which is not valid "
+                              "Unicode text; send the character itself or a valid surrogate pair")
+
+
+def check_json_value(value: Any, param: str | None, limits: Limits = DEFAULT_LIMITS) -> None:
+    """Walk parsed JSON (iteratively): nesting at most limits.max_json_depth, strings and keys
+    without lone surrogates. Raises InvalidRequestError naming the dotted path of the problem."""
+    stack: list[tuple[Any, str | None, int]] = [(value, param, 1)]
+    while stack:
+        item, path, depth = stack.pop()
+        if isinstance(item, str):
+            check_text(item, path or "body")
+            continue
+        if not isinstance(item, (dict, list)):
+            continue
+        if depth > limits.max_json_depth:
+            where = ".".join((path or "body").split(".")[:3])  # the field, not a path hundreds deep
+            raise _invalid(where, f"JSON nested deeper than {limits.max_json_depth} levels")
+        children = item.items() if isinstance(item, dict) else enumerate(item)
+        for key, child in children:
+            child_path = f"{path}.{key}" if path else str(key)
+            if isinstance(key, str):
+                check_text(key, child_path)
+            stack.append((child, child_path, depth + 1))
+
+
+def finite_logprob(value: float | None) -> float | None:
+    """Logprobs go out finite: -inf and NaN (an extreme penalty or temperature can make the whole
+    distribution degenerate) become -9999.0, vLLM's stand-in for -inf; +inf becomes 0.0."""
+    if value is None or math.isfinite(value):
+        return value
+    return 0.0 if value > 0 else -9999.0
 
 
 def check_body_size(num_bytes: int, limits: Limits = DEFAULT_LIMITS) -> None:

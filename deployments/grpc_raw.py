@@ -1,0 +1,36 @@
+"""The servicer function Serve's gRPC proxy is given: Qwen2Serve's methods with raw request bytes.
+
+The generated `add_Qwen2ServeServicer_to_server` registers each method with the request message's
+`FromString` as deserializer, so Serve's proxy parses the request before anything of ours runs: a
+body that does not decode (corrupt wire format, bad UTF-8 in a string field) fails inside gRPC with
+UNKNOWN "Unexpected DecodeError", which we never see. This function registers the same methods
+(Serve replaces the handlers with its routing, keeping the deserializer) with no deserializer, so
+the proxy forwards the bytes unparsed and `GrpcIngressMixin` decodes them in the ingress replica:
+undecodable bytes are INVALID_ARGUMENT like any other bad field, and the message size is checked
+before the parse.
+
+    grpc_servicer_functions: ["deployments.grpc_raw.add_Qwen2ServeServicer_to_server", ...]
+
+Kept tiny (grpc and the descriptors only): Serve's proxy process imports it.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from protos.qwen2_serve.v1 import qwen2_serve_pb2 as pb
+
+SERVICE_NAME = "qwen2_serve.v1.Qwen2Serve"
+
+
+def add_Qwen2ServeServicer_to_server(servicer, server) -> None:  # noqa: N802 (the generated name)
+    service = pb.DESCRIPTOR.services_by_name["Qwen2Serve"]
+    handlers = {}
+    for method in service.methods:
+        response = getattr(pb, method.output_type.name)
+        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(getattr(servicer, method.name), request_deserializer=None,
+                                     response_serializer=response.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    if hasattr(server, "add_registered_method_handlers"):  # grpcio >= 1.62
+        server.add_registered_method_handlers(SERVICE_NAME, handlers)
