@@ -112,8 +112,11 @@ class ColumnParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_local, in_features, dtype=dtype, device="meta"), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_local, dtype=dtype, device="meta"), requires_grad=False) if bias else None
 
+    lora = None  # LoRA delta hook (qwen2_model/lora.py): called with (x, y) after the base matmul
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)  # [..., out_local]
+        y = F.linear(x, self.weight, self.bias)  # [..., out_local]
+        return y if self.lora is None else self.lora(x, y)
 
     def _offset(self, shard_id: str) -> int:
         offset = 0
@@ -149,8 +152,11 @@ class RowParallelLinear(nn.Module):
         self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, self.in_local, dtype=dtype, device="meta"), requires_grad=False)
 
+    lora = None  # LoRA delta hook (qwen2_model/lora.py): its partial delta joins the all-reduce
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ctx.all_reduce(F.linear(x, self.weight))
+        y = F.linear(x, self.weight)
+        return self.ctx.all_reduce(y if self.lora is None else self.lora(x, y))
 
     def load(self, param: str, shard_id, tensor: Any) -> None:
         _check_shape(param, shape_of(tensor), (self.out_features, self.in_local * self.ctx.world_size))

@@ -133,3 +133,33 @@ def write_random_checkpoint(out_dir: str | Path, preset: str = "tiny", head: str
         index = {"metadata": {}, "weight_map": weight_map}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return out
+
+
+def write_random_lora(out_dir: str | Path, base_dir: str | Path, r: int = 8, lora_alpha: float = 16,
+                      target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                         "up_proj", "down_proj"),
+                      use_rslora: bool = False, seed: int = 0, scale: float = 0.05) -> Path:
+    """A random LoRA adapter for the checkpoint at `base_dir`, in PEFT's layout (adapter_config.json +
+    adapter_model.safetensors), without peft: for benchmarks and the demo. B is nonzero (unlike
+    PEFT's initialisation) so the adapter changes the output."""
+    from .lora import CONFIG_FILE, WEIGHTS_FILE, full_shapes
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = Qwen2Config.from_pretrained(base_dir)
+    shapes = full_shapes(config)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for i in range(config.num_hidden_layers):
+        for module in target_modules:
+            part = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            key = f"base_model.model.model.layers.{i}.{part}.{module}"
+            out_f, in_f = shapes[module]
+            tensors[f"{key}.lora_A.weight"] = (scale * torch.randn(r, in_f, generator=generator)).to(config.dtype)
+            tensors[f"{key}.lora_B.weight"] = (scale * torch.randn(out_f, r, generator=generator)).to(config.dtype)
+    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    (out / CONFIG_FILE).write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_dir), "r": r,
+        "lora_alpha": lora_alpha, "use_rslora": use_rslora, "target_modules": list(target_modules),
+        "bias": "none", "lora_dropout": 0.0, "rank_pattern": {}, "alpha_pattern": {}}, indent=2) + "\n")
+    return out

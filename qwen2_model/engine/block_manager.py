@@ -96,13 +96,16 @@ class BlockManager:
 
     # --- prefix cache ------------------------------------------------------------------------
 
-    def match_prefix(self, tokens: list[int]) -> tuple[list[int], list[bytes]]:
+    def match_prefix(self, tokens: list[int], salt: bytes | None = None) -> tuple[list[int], list[bytes]]:
         """Longest run of cached full blocks for `tokens` -> (block ids, their hashes). Takes a reference.
+
+        `salt` is the root of the hash chain: what else the K/V depend on (the LoRA adapter), so the
+        same tokens under another adapter never share blocks.
 
         Not counted in the hit statistics: the caller calls `record_lookup` once it uses the match
         (a sequence that is not admitted gives its match back and looks again later).
         """
-        blocks, hashes, parent = [], [], None
+        blocks, hashes, parent = [], [], salt
         if not self.enable_prefix_caching:
             return blocks, hashes
         for start in range(0, len(tokens) - self.block_size + 1, self.block_size):
@@ -124,13 +127,14 @@ class BlockManager:
             self.prefix_queries += min(num_hits + 1, num_tokens // self.block_size)
             self.prefix_hits += num_hits
 
-    def register_full_blocks(self, table: list[int], hashes: list[bytes], tokens: list[int], num_computed: int) -> None:
+    def register_full_blocks(self, table: list[int], hashes: list[bytes], tokens: list[int], num_computed: int,
+                             salt: bytes | None = None) -> None:
         """Publish the blocks of `table` whose tokens are all computed; extends `hashes` in place."""
         if not self.enable_prefix_caching:
             return
         while len(hashes) < num_computed // self.block_size:
             i = len(hashes)
-            h = block_hash(hashes[-1] if hashes else None, tokens[i * self.block_size:(i + 1) * self.block_size])
+            h = block_hash(hashes[-1] if hashes else salt, tokens[i * self.block_size:(i + 1) * self.block_size])
             hashes.append(h)
             block = table[i]
             if h not in self.cached and block not in self.hash_of:

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
+import itertools
 import logging
 import queue
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -52,6 +55,22 @@ class EngineConfig:
     max_logprobs: int = 20
     # Pooled (classify / embed / QA) forwards are padded batches: cap their size in padded tokens.
     max_pooled_batch_tokens: int = 16384
+    # LoRA: adapter slots on the model (distinct adapters in one step; LRU-evicted when not used by a
+    # running sequence) and the largest rank they hold. Slots are allocated on the first adapter used.
+    max_loras: int = 4
+    max_lora_rank: int = 16
+
+
+@dataclass(frozen=True)
+class LoraRef:
+    """A registered LoRA adapter: its name (what requests ask for) and directory."""
+    name: str
+    path: str
+
+    @property
+    def salt(self) -> bytes:
+        """The root of its sequences' prefix-cache hash chain (a base-model chain starts from b"")."""
+        return hashlib.sha256(f"lora\0{self.name}\0{self.path}".encode()).digest()
 
 
 @dataclass
@@ -81,6 +100,8 @@ class EngineStats:
     prefix_queries: int = 0
     prefix_hits: int = 0
     preemptions: int = 0
+    lora_loads: int = 0  # adapters loaded into a slot (first use, or again after eviction)
+    lora_evictions: int = 0
     steps: int = 0
     max_batch_seqs: int = 0  # largest number of sequences in one step so far
     prompt_tokens: int = 0
@@ -113,6 +134,11 @@ class Engine:
         self.scheduler = Scheduler(SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens),
                                    self.blocks)
         self.requests: dict[str, list[Sequence]] = {}
+        # LoRA: registered adapters by name, and those in a model slot (LRU first).
+        self.loras: dict[str, LoraRef] = {}
+        self.lora_slots: OrderedDict[LoraRef, int] = OrderedDict()
+        self.request_errors: list[tuple[str, Exception]] = []  # requests failed inside a step (adapter load)
+        self.scheduler.can_admit = lambda seq: seq.lora is None or seq.lora in self.lora_slots
         self._finished_seq_ids: list[int] = []
         self.stats = EngineStats(num_kv_blocks=self.blocks.num_blocks)
         self.last_step: StepRecord | None = None
@@ -154,16 +180,88 @@ class Engine:
                               f"({self.blocks.num_blocks * self.blocks.block_size} tokens)", param="max_tokens",
                               code="context_length_exceeded")
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    # --- LoRA adapters ------------------------------------------------------------------------
+
+    def add_lora(self, name: str, path: str) -> LoraRef:
+        """Register an adapter under `name`, checked against the base model (LoraError otherwise).
+        It is loaded into a slot when a request first needs it."""
+        from ..lora import read_adapter
+
+        if self.config.max_loras < 1:
+            raise EngineError("LoRA adapters are disabled (max_loras is 0)", param="model")
+        read_adapter(path, self.executor.config, self.config.max_lora_rank)
+        ref = LoraRef(name, str(path))
+        self.loras[name] = ref
+        return ref
+
+    def remove_lora(self, name: str) -> None:
+        """Forget an adapter: new requests cannot ask for it; requests in flight finish with it."""
+        self.loras.pop(name, None)
+
+    def lora_ref(self, name: str | None) -> LoraRef | None:
+        if name is None:
+            return None
+        if name not in self.loras:
+            raise EngineError(f"LoRA adapter {name!r} is not loaded", param="model", code="model_not_found")
+        return self.loras[name]
+
+    def _free_lora_slot(self, needed: set[LoraRef]) -> int | None:
+        used = set(self.lora_slots.values())
+        for slot in range(self.config.max_loras):
+            if slot not in used:
+                return slot
+        for ref in self.lora_slots:  # least recently used first
+            if ref not in needed:
+                self.stats.lora_evictions += 1
+                return self.lora_slots.pop(ref)
+        return None
+
+    def _prepare_loras(self) -> None:
+        """Before scheduling: give the waiting sequences' adapters slots, in queue order, evicting
+        adapters no running (or earlier waiting) sequence uses; stop at the first that finds none."""
+        needed = {s.lora for s in self.scheduler.running if s.lora is not None}
+        for ref in needed:
+            self.lora_slots.move_to_end(ref)
+        for seq in itertools.islice(self.scheduler.waiting, self.config.max_num_seqs):
+            ref = seq.lora
+            if ref is None or ref in needed:
+                continue
+            if ref in self.lora_slots:
+                self.lora_slots.move_to_end(ref)
+                needed.add(ref)
+                continue
+            slot = self._free_lora_slot(needed)
+            if slot is None:
+                return
+            try:
+                self.executor.load_lora(slot, ref.path, self.config.max_loras, self.config.max_lora_rank, ref.name)
+            except Exception as exc:  # e.g. the directory changed since it was registered: fail its requests
+                logging.getLogger(__name__).warning("LoRA adapter %r failed to load: %s", ref.name, exc)
+                if self.loras.get(ref.name) == ref:
+                    del self.loras[ref.name]
+                error = EngineError(f"LoRA adapter {ref.name!r} failed to load: {exc}", param="model")
+                for s in [s for s in self.scheduler.waiting if s.lora == ref]:
+                    if s.status != Status.FINISHED:
+                        self._finish(s, "abort")
+                        self.request_errors.append((s.request_id, error))
+                return
+            self.lora_slots[ref] = slot
+            self.stats.lora_loads += 1
+            needed.add(ref)
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    lora: str | None = None) -> None:
         if request_id in self.requests:
             raise EngineError(f"request id {request_id!r} is already in use", param="request_id")
         self.validate(prompt_token_ids, params)
+        lora_ref = self.lora_ref(lora)
         if len(self.scheduler.waiting) >= self.config.max_waiting:
             raise QueueFull(f"the queue is full ({self.config.max_waiting} waiting requests)")
         seqs = []
         for i in range(params.n):
             seed = None if params.seed is None else params.seed + i
             seq = Sequence(request_id, i, list(prompt_token_ids), params, seed)
+            seq.lora = lora_ref
             if i > 0 and self.config.enable_prefix_caching and params.prompt_logprobs is None:
                 seq.wait_for = seqs[0]  # share the parent's prompt blocks through the prefix cache
             seqs.append(seq)
@@ -189,6 +287,8 @@ class Engine:
         seq, n = item.seq, item.num_new_tokens
         tokens = seq.token_slice(seq.num_computed, seq.num_computed + n)
         step = SeqStep(seq.seq_id, tokens, seq.num_computed, list(seq.block_table), item.samples)
+        if seq.lora is not None:
+            step.lora_slot = self.lora_slots[seq.lora]  # a running sequence's adapter is never evicted
         if seq.wants_prompt_logprobs:
             # The row at position q predicts prompt token q+1: rows from the first not yet computed
             # (a recompute after preemption skips those already kept) up to the prompt's second-last.
@@ -211,6 +311,8 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         start = time.perf_counter()
         start_mono = time.monotonic()  # the scheduler stamps first_scheduled_time with monotonic()
+        if self.loras or self.lora_slots:
+            self._prepare_loras()
         scheduled = self.scheduler.schedule()
         # decode = the one new token after a generated one (judged before the step advances counts)
         decodes = [i.num_new_tokens == 1 and i.samples and bool(i.seq.output_token_ids) for i in scheduled]
@@ -320,10 +422,13 @@ class Engine:
                 chunk.append(i)
         return results
 
-    def generate_all(self, prompts: dict[str, list[int]], params: SamplingParams | dict[str, SamplingParams]) -> dict[str, list[list[int]]]:
-        """Offline helper: run requests to completion; request id -> token ids per choice."""
+    def generate_all(self, prompts: dict[str, list[int]], params: SamplingParams | dict[str, SamplingParams],
+                     loras: dict[str, str | None] | None = None) -> dict[str, list[list[int]]]:
+        """Offline helper: run requests to completion; request id -> token ids per choice.
+        `loras`: request id -> adapter name (absent: the base model)."""
         for rid, ids in prompts.items():
-            self.add_request(rid, ids, params[rid] if isinstance(params, dict) else params)
+            self.add_request(rid, ids, params[rid] if isinstance(params, dict) else params,
+                             lora=(loras or {}).get(rid))
         results: dict[str, dict[int, list[int]]] = {rid: {} for rid in prompts}
         while self.has_unfinished():
             for out in self.step():
@@ -343,7 +448,7 @@ class AsyncEngine:
         self.engine = engine
         self._lock = threading.Lock()  # held by the step thread around drain + step
         self._wake = threading.Event()
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", id, ids, params) | ("abort", id, index)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", id, ids, params, lora) | ("abort", id, index)
         self._pending_adds = 0
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stopped = False
@@ -358,10 +463,10 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if command[0] == "add":
-                _, request_id, prompt_token_ids, params = command
+                _, request_id, prompt_token_ids, params, lora = command
                 self._pending_adds -= 1
                 try:
-                    self.engine.add_request(request_id, prompt_token_ids, params)
+                    self.engine.add_request(request_id, prompt_token_ids, params, lora)
                 except Exception as exc:  # raced past the checks in generate(): fail that stream only
                     self._deliver(request_id, exc)
             else:
@@ -384,6 +489,8 @@ class AsyncEngine:
                         continue
             for out in outputs:
                 self._deliver(out.request_id, out)
+            while self.engine.request_errors:
+                self._deliver(*self.engine.request_errors.pop(0))
             if not busy and self._inbox.empty():
                 self._wake.wait(0.05)
 
@@ -399,20 +506,23 @@ class AsyncEngine:
             self.engine.abort(rid)
             self._deliver(rid, exc if isinstance(exc, EngineDead) else EngineDead(str(exc)))
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams):
-        """Yields RequestOutputs until every choice finished; aborts on cancellation."""
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                       lora: str | None = None):
+        """Yields RequestOutputs until every choice finished; aborts on cancellation. `lora`: a
+        registered adapter's name (None: the base model)."""
         if self.error is not None:
             raise EngineDead(f"the engine failed earlier: {self.error}")
         if request_id in self._streams or request_id in self.engine.requests:
             raise EngineError(f"request id {request_id!r} is already in use", param="request_id")
         self.engine.validate(prompt_token_ids, params)  # static checks: no lock needed
+        self.engine.lora_ref(lora)  # unknown adapter: refused now
         if len(self.engine.scheduler.waiting) + self._pending_adds >= self.engine.config.max_waiting:
             raise QueueFull(f"the queue is full ({self.engine.config.max_waiting} waiting requests)")
         loop = asyncio.get_running_loop()
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (loop, stream)
         self._pending_adds += 1
-        self._inbox.put(("add", request_id, list(prompt_token_ids), params))
+        self._inbox.put(("add", request_id, list(prompt_token_ids), params, lora))
         self._wake.set()
         remaining = params.n
         try:
@@ -433,6 +543,17 @@ class AsyncEngine:
         """Stop a request (or one choice); its blocks are freed before the next step."""
         self._inbox.put(("abort", request_id, index))
         self._wake.set()
+
+    async def add_lora(self, name: str, path: str) -> LoraRef:
+        """Register an adapter (checked against the base model, off the event loop)."""
+        def run():
+            with self._lock:
+                return self.engine.add_lora(name, path)
+        return await asyncio.to_thread(run)
+
+    def remove_lora(self, name: str) -> None:
+        with self._lock:
+            self.engine.remove_lora(name)
 
     async def run_pooled(self, req: PooledInput) -> list:
         def run():

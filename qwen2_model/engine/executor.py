@@ -26,6 +26,8 @@ class Executor(Protocol):
 
     def execute(self, step: StepInput) -> StepOutput: ...
     def run_pooled(self, req: PooledInput) -> list: ...
+    # LoRA: read the adapter at `path` into `slot` (slots made on first use); LoraError if it cannot apply
+    def load_lora(self, slot: int, path: str, max_loras: int, max_rank: int, name: str | None = None) -> None: ...
     def shutdown(self) -> None: ...
 
 
@@ -70,6 +72,9 @@ class LocalExecutor:
 
     def run_pooled(self, req: PooledInput) -> list:
         return self.runner.run_pooled(req)
+
+    def load_lora(self, slot: int, path: str, max_loras: int, max_rank: int, name: str | None = None) -> None:
+        self.runner.load_lora(slot, path, max_loras, max_rank, name)
 
     def shutdown(self) -> None:
         self.runner = None

@@ -9,6 +9,7 @@ leave the process.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -37,6 +38,7 @@ class SeqStep:
     prompt_logprobs: int | None = None  # top-k to return with each
     prompt_targets: list[int] | None = None
     prompt_targets_offset: int = 0
+    lora_slot: int = -1  # the LoRA adapter slot its rows use (-1: the base model)
 
 
 @dataclass
@@ -71,6 +73,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.generators: dict[int, torch.Generator] = {}
         self.cache = None
+        self.lora = None  # LoraSlots, made on the first load_lora
         if num_kv_blocks and isinstance(model, Qwen2ForCausalLM):
             attn = self.decoder.layers[0].self_attn
             self.cache = PagedKVCache(len(self.decoder.layers), num_kv_blocks, block_size, attn.num_kv_heads,
@@ -94,8 +97,9 @@ class ModelRunner:
                 first = start + s.prompt_targets_offset
                 prompt_rows.extend(range(first, first + len(s.prompt_targets)))
         batch = PagedAttentionBatch(self.cache, slices, self.device)
-        hidden = self.decoder.forward_tokens(torch.tensor(token_ids, device=self.device),
-                                             torch.tensor(positions, device=self.device), batch)  # [T, E]
+        with self._lora_rows(step.seqs, slices):
+            hidden = self.decoder.forward_tokens(torch.tensor(token_ids, device=self.device),
+                                                 torch.tensor(positions, device=self.device), batch)  # [T, E]
         if not sample_rows and not prompt_rows:
             return StepOutput({})
         # [N + P, V] on all ranks (all-gather inside): sampled rows, then prompt-logprob rows
@@ -105,6 +109,21 @@ class ModelRunner:
         out = self._sample(logits[:len(sample_rows)], [s for s in step.seqs if s.sample])
         out.prompt_logprobs = self._prompt_logprobs(logits[len(sample_rows):], step.seqs)
         return out
+
+    def _lora_rows(self, seqs: list[SeqStep], slices: list[SeqSlice]):
+        """Which rows use which adapter slot during the forward (nothing to do without adapters)."""
+        if self.lora is None or all(s.lora_slot < 0 for s in seqs):
+            return contextlib.nullcontext()
+        return self.lora.rows([(s.lora_slot, sl.start, sl.count) for s, sl in zip(seqs, slices)])
+
+    def load_lora(self, slot: int, path: str, max_loras: int, max_rank: int, name: str | None = None) -> None:
+        """Load an adapter (this rank's slices) into `slot`; the slots are made on first use."""
+        from ..lora import LoraSlots, read_adapter
+
+        spec = read_adapter(path, self.decoder.config, max_rank)
+        if self.lora is None:
+            self.lora = LoraSlots(self.decoder, max_loras, max_rank)
+        self.lora.load(slot, spec, name)
 
     @staticmethod
     def _prompt_logprobs(logits: torch.Tensor, seqs: list[SeqStep]) -> dict[int, list[TokenLogprob]]:

@@ -15,6 +15,7 @@ import itertools
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from .block_manager import BlockManager, NoFreeBlocks
 from .sampling import SamplingParams
@@ -49,6 +50,12 @@ class Sequence:
     finish_reason: str | None = None
     # params.prompt_logprobs: entry j is prompt token j+1's (computed once, kept across preemption)
     prompt_logprobs: list = field(default_factory=list)
+    lora: Any = None  # the LoRA adapter (engine.LoraRef) or None for the base model
+
+    @property
+    def cache_salt(self):
+        """The root of its prefix-cache hash chain: K/V computed under an adapter are that adapter's."""
+        return None if self.lora is None else self.lora.salt
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -104,6 +111,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # False keeps a waiting sequence out for now (the engine: its LoRA adapter has no slot yet)
+        self.can_admit: Callable[[Sequence], bool] = lambda seq: True
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -166,9 +175,11 @@ class Scheduler:
             if seq.wait_for is not None and seq.wait_for.status != Status.FINISHED and \
                     seq.wait_for.num_computed < len(seq.wait_for.prompt_token_ids):
                 break
+            if not self.can_admit(seq):
+                break
             lookup = None  # (tokens, blocks found) of a prefix-cache match made for this admission
             if not seq.block_table and not seq.wants_prompt_logprobs:  # cached positions give no logits
-                cached, hashes = self.blocks.match_prefix(seq.all_token_ids)
+                cached, hashes = self.blocks.match_prefix(seq.all_token_ids, seq.cache_salt)
                 lookup = (seq.num_tokens, len(cached))
                 # keep at least one token to compute, so the step produces logits
                 while cached and len(cached) * self.blocks.block_size >= seq.num_tokens:
@@ -207,4 +218,4 @@ class Scheduler:
             if self.blocks.enable_prefix_caching and \
                     seq.num_computed // self.blocks.block_size > len(seq.block_hashes):
                 self.blocks.register_full_blocks(seq.block_table, seq.block_hashes, seq.all_token_ids,
-                                                 seq.num_computed)
+                                                 seq.num_computed, seq.cache_salt)
