@@ -129,6 +129,8 @@ class Engine:
         self.eos_token_ids = model_config.eos_token_ids
         self.vocab_size = model_config.vocab_size
         self.generative = executor.architecture == "Qwen2ForCausalLM"
+        # Structured output: the executor's GrammarBackend (None: the model has no tokenizer for it).
+        self.grammar = getattr(executor, "grammar", None)
         self.blocks = BlockManager(max(executor.num_kv_blocks, 1), executor.block_size,
                                    self.config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens),
@@ -170,6 +172,15 @@ class Engine:
         if bad:
             raise EngineError(f"logit_bias: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})",
                               param="logit_bias")
+        if params.structured is not None:
+            if self.grammar is None:
+                raise EngineError("structured output is not available for this model (no tokenizer for it)",
+                                  param="structured_outputs")
+            from .structured_output import StructuredOutputError
+            try:
+                self.grammar.validate(params.structured)
+            except StructuredOutputError as exc:
+                raise EngineError(f"structured_outputs: {exc}", param="structured_outputs") from exc
         total = len(prompt_token_ids) + params.max_tokens
         if total > self.max_model_len:
             raise EngineError(f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) = "
@@ -334,7 +345,8 @@ class Engine:
             token, logprob = result.sampled[seq.seq_id]
             seq.output_token_ids.append(token)
             self.stats.generated_tokens += 1
-            reason = self._finish_reason(seq, token)
+            # A grammar that completed ends its choice as a stop, even on the last allowed token.
+            reason = "stop" if seq.seq_id in result.grammar_done else self._finish_reason(seq, token)
             if reason:
                 self._finish(seq, reason)
             outputs.append(self._output(seq, [token], [logprob]))

@@ -16,6 +16,7 @@ from ..config import Qwen2Config
 from ..loading import from_pretrained
 from .paged_attention import PagedKVCache
 from .model_runner import ModelRunner, PooledInput, StepInput, StepOutput
+from .structured_output import GrammarBackend
 
 
 class Executor(Protocol):
@@ -55,7 +56,8 @@ class LocalExecutor:
 
     def __init__(self, model_path: str | Path, dtype: str | None = "auto", device: str = "cpu",
                  kv_cache_memory: int = 256 << 20, block_size: int = 16, gpu_memory_fraction: float = 0.0,
-                 attn_backend: str | None = None):
+                 attn_backend: str | None = None, tokenizer_path: str | Path | None = None):
+        """`tokenizer_path`: the checkpoint's tokenizer, for structured output (None: no structured output)."""
         self.model = from_pretrained(model_path, dtype=dtype or "auto", device=device, attn_backend=attn_backend)
         self.dtype_choice = self.model.dtype_choice  # compute dtype and why (shown in /v1/models)
         self.config = self.model.config
@@ -65,7 +67,12 @@ class LocalExecutor:
         if self.architecture == "Qwen2ForCausalLM":
             self.num_kv_blocks = kv_blocks_for_budget(self.config, kv_cache_memory, block_size,
                                                       self.model.model.dtype, 1, device, gpu_memory_fraction)
-        self.runner = ModelRunner(self.model, self.config.eos_token_ids, self.num_kv_blocks, block_size)
+        self.grammar = None
+        if tokenizer_path is not None and self.architecture == "Qwen2ForCausalLM":
+            self.grammar = GrammarBackend.from_pretrained(tokenizer_path, self.config.vocab_size,
+                                                          self.config.eos_token_ids)
+        self.runner = ModelRunner(self.model, self.config.eos_token_ids, self.num_kv_blocks, block_size,
+                                  grammar=self.grammar)
 
     def execute(self, step: StepInput) -> StepOutput:
         return self.runner.execute(step)
@@ -78,3 +85,5 @@ class LocalExecutor:
 
     def shutdown(self) -> None:
         self.runner = None
+        if self.grammar is not None:
+            self.grammar.shutdown()

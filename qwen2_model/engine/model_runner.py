@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from ..modeling import Qwen2ForCausalLM, Qwen2ForQuestionAnswering, base_model, last_token_index
 from .paged_attention import PagedAttentionBatch, PagedKVCache, SeqSlice
 from .sampling import Sampler, SamplingParams, SequenceSamplingState, TokenLogprob, make_generator, token_logprobs
+from .structured_output import GrammarBackend, GrammarBatch
 
 
 @dataclass
@@ -51,6 +52,7 @@ class StepInput:
 class StepOutput:
     sampled: dict[int, tuple[int, TokenLogprob | None]]  # seq_id -> (token id, logprobs)
     prompt_logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)  # seq_id -> this step's
+    grammar_done: set[int] = field(default_factory=set)  # seq ids whose grammar completed (or broke) this step
 
 
 @dataclass
@@ -64,7 +66,7 @@ class PooledInput:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, eos_token_ids: list[int], num_kv_blocks: int = 0,
-                 block_size: int = 16, is_sampler: bool = True):
+                 block_size: int = 16, is_sampler: bool = True, grammar: GrammarBackend | None = None):
         self.model = model
         self.decoder = base_model(model)
         self.device = self.decoder.embed_tokens.weight.device
@@ -72,6 +74,8 @@ class ModelRunner:
         self.is_sampler = is_sampler
         self.sampler = Sampler()
         self.generators: dict[int, torch.Generator] = {}
+        # Structured output, on the sampling rank: per-sequence matchers and the mask pool.
+        self.grammars = GrammarBatch(grammar) if grammar is not None and is_sampler else None
         self.cache = None
         self.lora = None  # LoraSlots, made on the first load_lora
         if num_kv_blocks and isinstance(model, Qwen2ForCausalLM):
@@ -83,8 +87,14 @@ class ModelRunner:
     def execute(self, step: StepInput) -> StepOutput:
         for seq_id in step.finished_seq_ids:
             self.generators.pop(seq_id, None)
+            if self.grammars is not None:
+                self.grammars.forget(seq_id)
         if not step.seqs:
             return StepOutput({})
+        if self.grammars is not None:
+            # Masks for this step's constrained rows are computed in a pool while the forward runs.
+            self.grammars.start([(s.seq_id, s.params.structured) for s in step.seqs
+                                 if s.sample and s.params.structured is not None])
         token_ids, positions, slices, sample_rows, prompt_rows = [], [], [], [], []
         for s in step.seqs:
             start = len(token_ids)
@@ -144,8 +154,16 @@ class ModelRunner:
             states.append(SequenceSamplingState(s.params, s.prompt_token_ids or [], s.output_token_ids or [],
                                                 self.eos_token_ids, self.generators.get(s.seq_id),
                                                 num_output_tokens=s.num_output_tokens))
+        if self.grammars is not None:
+            masks = self.grammars.masks()  # waits for the pool: seq id -> bitmask [W]
+            for s, st in zip(seqs, states):
+                st.allowed_mask = masks.get(s.seq_id)
         result = self.sampler(logits, states)
-        return StepOutput({s.seq_id: (tok, lp) for s, tok, lp in zip(seqs, result.token_ids, result.logprobs)})
+        out = StepOutput({s.seq_id: (tok, lp) for s, tok, lp in zip(seqs, result.token_ids, result.logprobs)})
+        if self.grammars is not None:
+            out.grammar_done = {s.seq_id for s, tok in zip(seqs, result.token_ids)
+                                if s.params.structured is not None and self.grammars.advance(s.seq_id, tok)}
+        return out
 
     # --- one-shot heads -----------------------------------------------------------------------
 

@@ -7,11 +7,11 @@ ingress can fill the error body's `param`.
 `Sampler` turns one step's logits `[B, V]` into one token per row. Order of processing, as in vLLM:
 
     logit_bias -> min_tokens ban -> repetition penalty -> frequency / presence penalties
-      -> (logprobs are taken here) -> temperature -> top_k -> top_p -> min_p -> sample
+      -> grammar mask -> (logprobs are taken here) -> temperature -> top_k -> top_p -> min_p -> sample
 
-Logprobs are `log_softmax` of the *penalized* logits, before temperature, top-k, top-p and min-p:
-they describe the model's distribution as adjusted by the bias and penalties, not the truncated
-one we draw from. Greedy rows (temperature ~ 0) take the argmax of the penalized logits.
+Logprobs are `log_softmax` of the *processed* logits (bias, penalties and, for constrained rows,
+the grammar's allowed-token mask, as vLLM reports them), before temperature, top-k, top-p and
+min-p: the model's distribution as adjusted for the request, not the truncated one we draw from. Greedy rows (temperature ~ 0) take the argmax of the penalized logits.
 
 Every stage is a vectorized op over the rows that need it, and a stage is skipped when no row uses
 it: a batch of plain greedy rows costs one argmax on the raw logits.
@@ -21,7 +21,9 @@ Unseeded rows take `q` from the global torch RNG; a seeded row takes its own `q`
 per step) from its own `torch.Generator`, so its tokens do not depend on what else is in the batch.
 
 `n > 1` is the engine's business (it forks n sequences); the sampler sees one row per sequence.
-Token ids past the tokenizer's vocab (padded LM head) are not masked here.
+Token ids past the tokenizer's vocab (padded LM head) are not masked here, except in constrained
+rows, whose grammar mask (structured_output.py) never allows them. A constrained row whose every
+allowed token was banned (min_tokens vs a grammar that can only end) keeps the mask alone.
 """
 
 from __future__ import annotations
@@ -73,6 +75,8 @@ class SamplingParams:
     # None: none; k >= 0: each prompt token's logprob (from the raw logits at the position before
     # it) plus the top-k there; the prompt's first token has none.
     prompt_logprobs: int | None = None
+    # Structured output (structured_output.StructuredOutput): the grammar the output must match.
+    structured: object | None = None
 
     def validate(self, max_n: int = 16, max_logprobs: int = 20) -> None:
         """Raise SamplingParamsError (message starts with the field name) on the first bad field."""
@@ -124,6 +128,10 @@ class SamplingParams:
                 bad("logit_bias", f"keys must be non-negative token ids, got {token!r}")
             if not _is_number(bias) or not -100 <= bias <= 100:
                 bad("logit_bias", f"values must be in [-100, 100], got {bias!r} for token {token}")
+        if self.structured is not None:
+            from .structured_output import StructuredOutput
+            if not isinstance(self.structured, StructuredOutput):
+                bad("structured", f"must be a StructuredOutput, got {type(self.structured).__name__}")
 
     @property
     def greedy(self) -> bool:
@@ -156,6 +164,8 @@ class SequenceSamplingState:
     generator: torch.Generator | None = None  # from the seed; None when unseeded
     # How many tokens were generated, when output_token_ids is not sent (no penalties need it).
     num_output_tokens: int | None = None
+    # Structured output: the grammar's allowed tokens, an int32 bitmask [ceil(V / 32)]; None: free.
+    allowed_mask: torch.Tensor | None = None
 
     def banned_ids(self) -> list[int]:
         """Ids masked this step because min_tokens is not reached yet (empty when none)."""
@@ -245,6 +255,24 @@ def _apply_output_penalties(x: torch.Tensor, states: list[SequenceSamplingState]
     freq = torch.tensor([st.params.frequency_penalty for st in states], dtype=x.dtype, device=x.device)[row]
     pres = torch.tensor([st.params.presence_penalty for st in states], dtype=x.dtype, device=x.device)[row]
     x.view(-1)[seen] -= freq * counts.to(x.dtype) + pres
+
+
+def _apply_grammar_masks(x: torch.Tensor, states: list[SequenceSamplingState]) -> None:
+    """In place: tokens a constrained row's grammar does not allow -> -inf."""
+    from .structured_output import apply_bitmask
+
+    rows = [i for i, st in enumerate(states) if st.allowed_mask is not None]
+    if not rows:
+        return
+    masks = torch.stack([states[i].allowed_mask for i in rows])  # [R, W]
+    apply_bitmask(x, rows, masks)
+    if any(states[i].banned_ids() for i in rows):
+        # A row left with nothing (min_tokens banned the only tokens the grammar allows, e.g. EOS
+        # once it completed): the grammar wins, uniform over what it allows.
+        for j in (~torch.isfinite(x[rows]).any(dim=-1)).nonzero()[:, 0].tolist():
+            row = torch.zeros_like(x[rows[j]])[None]  # [1, V]
+            apply_bitmask(row, [0], masks[j:j + 1])
+            x[rows[j]] = row[0]
 
 
 # ---------------------------------------------------------------------------- sampling stages
@@ -358,6 +386,7 @@ def _needs_processing(st: SequenceSamplingState) -> bool:
         or p.uses_repetition_penalty
         or p.uses_output_penalties
         or bool(st.banned_ids())
+        or st.allowed_mask is not None
     )
 
 
@@ -380,6 +409,7 @@ class Sampler:
         _apply_min_tokens(x, states)
         _apply_repetition_penalty(x, states)
         _apply_output_penalties(x, states)
+        _apply_grammar_masks(x, states)
 
         tokens = x.max(dim=-1).indices  # [B]; final for greedy rows (max: ~2.5x faster than argmax on CPU)
         sampled = [i for i, st in enumerate(states) if not st.params.greedy]
