@@ -188,7 +188,18 @@ class Qwen2Config:
             raw = json.loads(config_file.read_text())
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{config_file} is not valid JSON: {exc}") from exc
-        return cls.from_dict(raw)
+        config = cls.from_dict(raw)
+        # generation_config.json's EOS ids (Qwen2.5-Instruct lists <|im_end|> there) join config.json's.
+        from .generation_config import GenerationConfigError, read_generation_config
+        try:
+            extra_eos = read_generation_config(config_file.parent).eos_token_ids
+        except GenerationConfigError as exc:
+            raise ConfigError(str(exc)) from exc
+        merged = config.eos_token_ids + [t for t in extra_eos if t not in config.eos_token_ids]
+        if merged != config.eos_token_ids:
+            config.eos_token_id = merged
+            config.validate()  # the ids must lie in the vocabulary
+        return config
 
     def to_dict(self) -> dict[str, Any]:
         """The config.json that transformers (4.x and 5.x) reads back to the same model."""
