@@ -3,6 +3,12 @@
 Reads both spellings transformers has used for RoPE settings (`rope_theta` + `rope_scaling` in 4.x,
 `rope_parameters` in 5.x) and both dtype keys (`torch_dtype`, `dtype`). Anything inconsistent fails
 here, at load time, with a `ConfigError` naming the field, instead of as a shape error deep in a layer.
+
+Serving-time facts derived here: `max_context_length` (the context the RoPE scaling supports: YaRN
+`original_max_position_embeddings x factor`, as vLLM derives it), `check_max_model_len`, `is_causal`
+(false for bidirectional embedding models such as gte-Qwen2), and `overrides` (vLLM's
+`--hf-overrides`: top-level config.json fields replaced before validation). Configs we cannot run
+correctly (`dual_chunk_attention_config`) are refused.
 """
 
 from __future__ import annotations
@@ -25,6 +31,11 @@ ARCHITECTURES = (
     "Qwen2ForTokenClassification",
     "Qwen2ForQuestionAnswering",
 )
+# config.json fields that change the model's math in ways we do not implement: refused, not ignored.
+UNSUPPORTED_FIELDS = {
+    "dual_chunk_attention_config": "dual chunk attention (the 1M-context Qwen2.5 models) is not implemented; "
+                                   "serving it with full attention would give wrong answers past its chunk size",
+}
 
 
 class ConfigError(ValueError):
@@ -58,6 +69,7 @@ class Qwen2Config:
     id2label: dict[int, str] = field(default_factory=dict)
     label2id: dict[str, int] = field(default_factory=dict)
     architectures: list[str] = field(default_factory=lambda: ["Qwen2ForCausalLM"])
+    is_causal: bool = True  # false: bidirectional attention (gte-Qwen2 style embedding models)
     # Fields we carry through unchanged (initializer_range, attention_dropout, model_type, ...).
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -95,6 +107,32 @@ class Qwen2Config:
     @property
     def dtype(self) -> torch.dtype:
         return DTYPES.get(self.torch_dtype or "float32", torch.float32)
+
+    @property
+    def max_context_length(self) -> int:
+        """The longest context this config supports: `max_position_embeddings`, or with RoPE scaling
+        `original_max_position_embeddings` (YaRN; else max_position_embeddings) x factor, as vLLM
+        derives it."""
+        if self.rope_type == "default":
+            return self.max_position_embeddings
+        base = self.max_position_embeddings
+        if self.rope_type == "yarn":
+            base = self.rope_scaling.get("original_max_position_embeddings") or self.max_position_embeddings
+        return int(base * self.rope_scaling["factor"])
+
+    def check_max_model_len(self, max_model_len: int | None) -> int:
+        """The served context length: `max_model_len` if given and supported, else max_context_length."""
+        limit = self.max_context_length
+        if max_model_len is None:
+            return limit
+        if not isinstance(max_model_len, int) or isinstance(max_model_len, bool) or max_model_len <= 0:
+            raise ConfigError(f"max_model_len must be a positive integer, got {max_model_len!r}")
+        if max_model_len > limit:
+            how = (f"rope_scaling {self.rope_type} factor {self.rope_scaling['factor']}" if self.rope_type != "default"
+                   else "max_position_embeddings, no rope_scaling")
+            raise ConfigError(f"max_model_len {max_model_len} is larger than the model supports: {limit} ({how}); "
+                              f"add rope_scaling (e.g. with --hf-overrides) to serve longer contexts")
+        return max_model_len
 
     def layer_sliding_window(self, layer_idx: int) -> int | None:
         """The attention window of one layer: Qwen2 slides only on layers >= max_window_layers."""
@@ -147,6 +185,11 @@ class Qwen2Config:
             raise ConfigError(f"id2label keys must be 0..{self.num_labels - 1}, got {sorted(self.id2label)}")
         if self.layer_types is not None and len(self.layer_types) != self.num_hidden_layers:
             raise ConfigError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
+        if not isinstance(self.is_causal, bool):
+            raise ConfigError(f"is_causal must be true or false, got {self.is_causal!r}")
+        for name, why in UNSUPPORTED_FIELDS.items():
+            if self.extra.get(name):
+                raise ConfigError(f"{name} is not supported: {why}")
         unknown = [a for a in self.architectures if a not in ARCHITECTURES]
         if unknown:
             raise ConfigError(f"architectures {unknown} are not Qwen2 classes (expected one of {ARCHITECTURES})")
@@ -154,8 +197,15 @@ class Qwen2Config:
     # --- (de)serialization ----------------------------------------------------------------------
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "Qwen2Config":
+    def from_dict(cls, raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> "Qwen2Config":
+        """`overrides`: top-level fields that replace config.json's (vLLM's --hf-overrides)."""
         raw = dict(raw)
+        if overrides:
+            if not isinstance(overrides, dict):
+                raise ConfigError(f"hf_overrides must be a JSON object, got {overrides!r}")
+            if overrides.get("rope_scaling") is not None:
+                raw.pop("rope_parameters", None)  # an override of either spelling wins over both
+            raw.update(overrides)
         model_type = raw.get("model_type", "qwen2")
         if model_type != "qwen2":
             raise ConfigError(f"model_type must be 'qwen2', got {model_type!r}")
@@ -179,7 +229,7 @@ class Qwen2Config:
             raise ConfigError(f"config.json has a field of the wrong type: {exc}") from exc
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "Qwen2Config":
+    def from_pretrained(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "Qwen2Config":
         path = Path(path)
         config_file = path / "config.json" if path.is_dir() else path
         if not config_file.is_file():
@@ -188,7 +238,7 @@ class Qwen2Config:
             raw = json.loads(config_file.read_text())
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{config_file} is not valid JSON: {exc}") from exc
-        config = cls.from_dict(raw)
+        config = cls.from_dict(raw, overrides)
         # generation_config.json's EOS ids (Qwen2.5-Instruct lists <|im_end|> there) join config.json's.
         from .generation_config import GenerationConfigError, read_generation_config
         try:
@@ -205,6 +255,8 @@ class Qwen2Config:
         """The config.json that transformers (4.x and 5.x) reads back to the same model."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         out["id2label"] = {str(k): v for k, v in self.id2label.items()}
+        if out["is_causal"]:
+            del out["is_causal"]  # the default; only bidirectional models write it
         out["model_type"] = "qwen2"
         out.update(self.extra)
         return out

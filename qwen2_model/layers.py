@@ -185,13 +185,16 @@ def causal_window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | N
 class DenseAttention:
     """A padded [B, S] batch attending within itself (no KV cache), like transformers' forward.
 
-    `key_padding_mask` [B, S] (1 = real token) hides padding keys. A query row that would see no
+    `key_padding_mask` [B, S] (1 = real token) hides padding keys. `causal=False` (bidirectional
+    embedding models, config `is_causal: false`): every token sees every real token of its sequence. A query row that would see no
     key at all (a left-padding position) is allowed to see itself, so SDPA never produces NaN
     that could leak through 0 * NaN; those rows' outputs are padding and are never read.
     """
 
-    def __init__(self, batch: int, seq: int, key_padding_mask: torch.Tensor | None, backend: str = "sdpa"):
+    def __init__(self, batch: int, seq: int, key_padding_mask: torch.Tensor | None, backend: str = "sdpa",
+                 causal: bool = True):
         self.batch, self.seq = batch, seq
+        self.causal = causal
         self.key_padding_mask = key_padding_mask
         self.backend = backend
         self._masks: dict[int | None, torch.Tensor] = {}
@@ -199,7 +202,8 @@ class DenseAttention:
     def _mask(self, window: int | None, device) -> torch.Tensor:
         if window not in self._masks:
             pos = torch.arange(self.seq, device=device)
-            mask = causal_window_mask(pos, pos, window)[None]  # [1, S, S]
+            mask = causal_window_mask(pos, pos, window)[None] if self.causal else \
+                torch.ones(1, self.seq, self.seq, dtype=torch.bool, device=device)  # [1, S, S]
             if self.key_padding_mask is not None:
                 mask = mask & self.key_padding_mask.bool()[:, None, :]  # [B, S, S]
                 mask = mask | torch.eye(self.seq, dtype=torch.bool, device=device)[None]
@@ -212,12 +216,14 @@ class DenseAttention:
             from flash_attn import flash_attn_func
             window = (sliding_window - 1, 0) if sliding_window else (-1, -1)
             out = flash_attn_func(q.view(B, S, *q.shape[1:]), k.view(B, S, *k.shape[1:]), v.view(B, S, *v.shape[1:]),
-                                  softmax_scale=scale, causal=True, window_size=window)
+                                  softmax_scale=scale, causal=self.causal, window_size=window)
             return out.reshape(B * S, *q.shape[1:])
         qb = q.view(B, S, *q.shape[1:]).transpose(1, 2)  # [B, Hq, S, D]
         kb = k.view(B, S, *k.shape[1:]).transpose(1, 2)  # [B, Hkv, S, D]
         vb = v.view(B, S, *v.shape[1:]).transpose(1, 2)
-        if self.key_padding_mask is None and (sliding_window is None or sliding_window >= S):
+        if not self.causal and self.key_padding_mask is None:
+            out = F.scaled_dot_product_attention(qb, kb, vb, scale=scale, enable_gqa=kb.shape[1] != qb.shape[1])
+        elif self.key_padding_mask is None and (sliding_window is None or sliding_window >= S):
             # No padding, no window in reach: SDPA's causal kernel, no mask, KV heads not expanded.
             out = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale,
                                                  enable_gqa=kb.shape[1] != qb.shape[1])

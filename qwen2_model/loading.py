@@ -7,6 +7,9 @@
 - Every parameter shard must be filled exactly by a checkpoint tensor of the right shape; missing,
   unexpected or wrong-shaped tensors, truncated files and weightless directories raise
   `CheckpointError` naming the tensor or file.
+- Quantized checkpoints (GPTQ / AWQ, from config.json's `quantization_config`) and `quantization="int8"`:
+  the linears get their quantized weights before loading and their kernels after
+  (qwen2_model/quantization). `hf_overrides` replaces config.json fields, as vLLM's `--hf-overrides`.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .config import DTYPES, Qwen2Config
+from . import quantization as quant_lib
+from .config import DTYPES, ConfigError, Qwen2Config
 from .hardware import DtypeChoice, choose_dtype, cpu_flags, isa_summary
 from .layers import pick_backend
 from .modeling import MODEL_CLASSES
@@ -74,13 +78,15 @@ def weight_files(path: Path) -> list[Path]:
     raise CheckpointError(f"no safetensors weights in {path}: expected {SINGLE_FILE} or {INDEX_FILE}{hint}")
 
 
-def checkpoint_names(model: nn.Module) -> dict[str, tuple[nn.Module, str, str | None]]:
-    """HF tensor name -> (our module that loads it, parameter name, shard id)."""
+def checkpoint_names(model: nn.Module, optional: bool = False) -> dict[str, tuple[nn.Module, str, str | None]]:
+    """HF tensor name -> (our module that loads it, parameter name, shard id). With `optional`, the
+    tensors a checkpoint may have or not (GPTQ's g_idx without act-order)."""
     names = {}
     for module_path, module in model.named_modules():
         if not hasattr(module, "expected_shards"):
             continue
-        for param, shard in module.expected_shards():
+        shards = module.expected_shards() if not optional else getattr(module, "optional_shards", set)()
+        for param, shard in shards:
             parts = module_path.split(".")
             if parts[-1] in STACKED:
                 parts[-1] = f"{shard}_proj"
@@ -100,6 +106,9 @@ def _alias(name: str, names: dict) -> str | None:
 
 def load_weights(model: nn.Module, files: list[Path], tied: bool) -> None:
     names = checkpoint_names(model)
+    optional = checkpoint_names(model, optional=True)
+    required = set(names)
+    names.update(optional)
     loaded: set[str] = set()
     for file in files:
         try:
@@ -128,7 +137,7 @@ def load_weights(model: nn.Module, files: list[Path], tied: bool) -> None:
                 except Exception as exc:
                     raise CheckpointError(f"cannot read tensor {name!r} from {file.name}: {exc}") from exc
                 loaded.add(target)
-    missing = sorted(set(names) - loaded)
+    missing = sorted(required - loaded)
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s): {missing[:5]}{more}")
@@ -136,17 +145,22 @@ def load_weights(model: nn.Module, files: list[Path], tied: bool) -> None:
 
 def from_pretrained(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
                     ctx: ParallelContext = SINGLE, attn_backend: str | None = None,
-                    architecture: str | None = None) -> nn.Module:
+                    architecture: str | None = None, quantization: str | None = None,
+                    quant_kernel: str = "auto", hf_overrides: dict | None = None) -> nn.Module:
     """Build the class named by config.json's `architectures` and load its weights (this rank's share).
 
     dtype: None = the checkpoint's `torch_dtype`; "auto" = the fast dtype for this hardware
     (hardware.choose_dtype: bf16/fp16 weights compute in fp32 on a CPU without native bf16/fp16);
     a name ("bfloat16", "fp32", ...) or torch.dtype = exactly that. The choice is `model.dtype_choice`.
+
+    quantization: None (float, or whatever config.json's quantization_config declares) or "int8"
+    (weight-only, per output channel, made at load). quant_kernel: "auto" | "packed" | "dequant" for
+    GPTQ/AWQ linears (qwen2_model/quantization/linear.py). hf_overrides: config.json fields to replace.
     """
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
-    config = Qwen2Config.from_pretrained(path)
+    config = Qwen2Config.from_pretrained(path, overrides=hf_overrides)
     device = torch.device(device)
     if dtype == "auto":  # the fast dtype for this hardware (hardware.py), logged below
         choice = choose_dtype(config.dtype, None, device)
@@ -154,19 +168,42 @@ def from_pretrained(path: str | Path, dtype: str | torch.dtype | None = None, de
         explicit = parse_dtype(dtype, config)
         choice = DtypeChoice(explicit, config.dtype, "requested explicitly" if dtype is not None else "the checkpoint's dtype")
     torch_dtype = choice.dtype
+    scheme = quantization_scheme(config, quantization)
     files = weight_files(path)
     arch = architecture or config.architecture
     if arch not in MODEL_CLASSES:
         raise CheckpointError(f"architecture {arch!r} is not one of {sorted(MODEL_CLASSES)}")
+    if arch == "Qwen2ForCausalLM" and not config.is_causal:
+        raise CheckpointError("config.json has is_causal: false (a bidirectional embedding model) but architecture "
+                              "Qwen2ForCausalLM: serve it as an embedding model (architectures [\"Qwen2Model\"])")
     backend = pick_backend(attn_backend, device)
     model = MODEL_CLASSES[arch](config, ctx=ctx, dtype=torch_dtype, attn_backend=backend)
+    try:
+        quant_lib.install(model, scheme, torch_dtype, kernel=quant_kernel)
+    except ValueError as exc:  # a tensor-parallel split that does not fit the packing or groups
+        raise CheckpointError(str(exc)) from exc
     model.to_empty(device=device)  # one uninitialized allocation; filled below
     from .modeling import base_model
     base_model(model).rotary_emb.to_device(device)
     load_weights(model, files, tied=config.tie_word_embeddings)
+    try:
+        quant_lib.finalize(model, scheme)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from exc
     model.eval()
     model.dtype_choice = choice  # read by the executors (start-up log, /v1/models)
-    logger.info("loaded %s from %s (%s, %s, rank %d/%d)", arch, path, torch_dtype, device, ctx.rank, ctx.world_size)
+    logger.info("loaded %s from %s (%s, %s%s, rank %d/%d)", arch, path, torch_dtype, device,
+                f", {scheme.name}" if scheme else "", ctx.rank, ctx.world_size)
     if ctx.rank == 0:
         logger.info("compute dtype %s: %s (CPU flags: %s)", choice.name, choice.reason, isa_summary(cpu_flags()))
     return model
+
+
+def quantization_scheme(config: Qwen2Config, requested: str | None) -> "quant_lib.Scheme | None":
+    """The scheme for this load; a ConfigError (named field) for what we cannot run."""
+    try:
+        return quant_lib.resolve_scheme(config, requested)
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc

@@ -39,6 +39,8 @@ def check_tp_split(config: Qwen2Config, tp: int) -> None:
                          f"but not a multiple of it, so KV heads cannot be replicated evenly")
     if config.intermediate_size % tp:
         raise ValueError(f"tensor_parallel_size {tp} does not divide intermediate_size {config.intermediate_size}")
+    from .quantization import check_quantized_tp_split
+    check_quantized_tp_split(config, tp)  # GPTQ/AWQ: packing and group boundaries
 
 
 class Qwen2Attention(nn.Module):
@@ -133,7 +135,7 @@ class Qwen2Model(nn.Module):
             position_ids = torch.arange(S, device=input_ids.device).expand(B, S)
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # no padding: plain causal attention
-        batch = DenseAttention(B, S, attention_mask, backend=self.attn_backend)
+        batch = DenseAttention(B, S, attention_mask, backend=self.attn_backend, causal=self.config.is_causal)
         hidden = self.forward_tokens(input_ids.reshape(-1), position_ids.reshape(-1), batch)
         return hidden.view(B, S, -1)
 

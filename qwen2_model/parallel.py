@@ -6,6 +6,12 @@ split next to themselves (as in vLLM): column-parallel layers keep a slice of th
 row-parallel layers a slice of the input columns followed by one all-reduce, the embedding and LM
 head a slice of the vocabulary. Each layer's `load(shard_id, tensor)` receives a *lazy* safetensors
 slice (or a full tensor) and reads only this rank's rows/columns of it.
+
+The matmul seam: a column/row-parallel linear holds either a float `weight` ([out_local, in_local],
+`quant is None`) or a `quant` module (qwen2_model/quantization/linear.py: GPTQ/AWQ packed weights,
+int8) that owns the weight and computes `x W^T (+ bias)`, set by the loader before weights are read;
+the linear keeps its bias, its split and its communication. `layout()` says which rows/columns of the
+checkpoint's [out, in] weight this rank keeps.
 """
 
 from __future__ import annotations
@@ -111,12 +117,25 @@ class ColumnParallelLinear(nn.Module):
         out_local = sum(self.local_sizes.values())
         self.weight = nn.Parameter(torch.empty(out_local, in_features, dtype=dtype, device="meta"), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_local, dtype=dtype, device="meta"), requires_grad=False) if bias else None
+        self.quant = None  # a QuantizedWeight that replaces `weight` (qwen2_model/quantization)
 
     lora = None  # LoRA delta hook (qwen2_model/lora.py): called with (x, y) after the base matmul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)  # [..., out_local]
+        if self.quant is not None:
+            y = self.quant(x, self.bias)  # [..., out_local]
+        else:
+            y = F.linear(x, self.weight, self.bias)  # [..., out_local]
         return y if self.lora is None else self.lora(x, y)
+
+    def layout(self):
+        from .quantization.linear import LinearLayout, OutputShard
+        shards, offset = [], 0
+        for sid, local in self.local_sizes.items():
+            part = self.ctx.rank // self.shard_replicas[sid]
+            shards.append(OutputShard(sid, self.full_sizes[sid], local, part * local, offset))
+            offset += local
+        return LinearLayout(self.in_features, self.in_features, 0, tuple(shards))
 
     def _offset(self, shard_id: str) -> int:
         offset = 0
@@ -127,6 +146,8 @@ class ColumnParallelLinear(nn.Module):
         raise KeyError(shard_id)
 
     def load(self, param: str, shard_id: str, tensor: Any) -> None:
+        if param != "bias" and self.quant is not None:
+            return self.quant.load(param, shard_id, tensor)
         size = self.local_sizes[shard_id]
         full = self.full_sizes[shard_id]
         expected = (full, self.in_features) if param == "weight" else (full,)
@@ -136,8 +157,11 @@ class ColumnParallelLinear(nn.Module):
         getattr(self, param).data[offset:offset + size].copy_(read_rows(tensor, part * size, (part + 1) * size))
 
     def expected_shards(self):
-        params = ["weight"] + (["bias"] if self.bias is not None else [])
+        params = list(_weight_params(self)[0]) + (["bias"] if self.bias is not None else [])
         return {(p, s) for p in params for s in self.local_sizes}
+
+    def optional_shards(self):
+        return {(p, s) for p in _weight_params(self)[1] for s in self.local_sizes}
 
 
 class RowParallelLinear(nn.Module):
@@ -151,20 +175,39 @@ class RowParallelLinear(nn.Module):
         self.in_local = in_features // ctx.world_size
         self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, self.in_local, dtype=dtype, device="meta"), requires_grad=False)
+        self.quant = None  # a QuantizedWeight that replaces `weight` (qwen2_model/quantization)
 
     lora = None  # LoRA delta hook (qwen2_model/lora.py): its partial delta joins the all-reduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = self.quant(x, None) if self.quant is not None else F.linear(x, self.weight)
         return self.ctx.all_reduce(y if self.lora is None else self.lora(x, y))
 
+    def layout(self):
+        from .quantization.linear import LinearLayout, OutputShard
+        full_in = self.in_local * self.ctx.world_size
+        return LinearLayout(full_in, self.in_local, self.ctx.rank * self.in_local,
+                            (OutputShard(None, self.out_features, self.out_features, 0, 0),))
+
     def load(self, param: str, shard_id, tensor: Any) -> None:
+        if self.quant is not None:
+            return self.quant.load(param, shard_id, tensor)
         _check_shape(param, shape_of(tensor), (self.out_features, self.in_local * self.ctx.world_size))
         r = self.ctx.rank
         self.weight.data.copy_(read_cols(tensor, r * self.in_local, (r + 1) * self.in_local))
 
     def expected_shards(self):
-        return {("weight", None)}
+        return {(p, None) for p in _weight_params(self)[0]}
+
+    def optional_shards(self):
+        return {(p, None) for p in _weight_params(self)[1]}
+
+
+def _weight_params(linear) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(required, optional) checkpoint names of a linear's weight: `weight`, or the quantized ones."""
+    if linear.quant is not None and hasattr(linear.quant, "params"):
+        return linear.quant.params()
+    return ("weight",), ()
 
 
 class VocabParallelEmbedding(nn.Module):

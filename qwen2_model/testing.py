@@ -163,3 +163,112 @@ def write_random_lora(out_dir: str | Path, base_dir: str | Path, r: int = 8, lor
         "lora_alpha": lora_alpha, "use_rslora": use_rslora, "target_modules": list(target_modules),
         "bias": "none", "lora_dropout": 0.0, "rank_pattern": {}, "alpha_pattern": {}}, indent=2) + "\n")
     return out
+
+
+# --- quantized checkpoints (GPTQ / AWQ) -----------------------------------------------------------
+
+QUANTIZED_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+# Projections that read the same input share GPTQ's act-order permutation (it comes from that input).
+_SAME_INPUT = {"self_attn.q_proj": "qkv", "self_attn.k_proj": "qkv", "self_attn.v_proj": "qkv",
+               "mlp.gate_proj": "gate_up", "mlp.up_proj": "gate_up", "self_attn.o_proj": "o", "mlp.down_proj": "down"}
+
+
+def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, sym: bool, g_idx: torch.Tensor):
+    """Round-to-nearest quantization of W [out, in] per (group, output channel), GPTQ's grid.
+
+    Returns q [in, out] int, zeros [groups, out] int, scales [groups, out] float16. Symmetric: zero
+    (2^bits)/2 and scale 2 max|w| / maxq, as GPTQ's Quantizer; asymmetric: min/max range."""
+    maxq = 2 ** bits - 1
+    wt = w.float().t()  # [in, out]
+    groups = int(g_idx.max()) + 1
+    scales = torch.empty(groups, w.shape[0])
+    zeros = torch.empty(groups, w.shape[0], dtype=torch.int64)
+    for g in range(groups):
+        rows = wt[g_idx == g]  # [group, out]
+        lo, hi = rows.min(0).values.clamp(max=0), rows.max(0).values.clamp(min=0)
+        if sym:
+            scale = (torch.maximum(hi.abs(), lo.abs()) * 2 / maxq).clamp(min=1e-8)
+            zero = torch.full_like(scale, (maxq + 1) // 2, dtype=torch.int64)
+        else:
+            scale = ((hi - lo) / maxq).clamp(min=1e-8)
+            zero = torch.round(-lo / scale).to(torch.int64).clamp(0, maxq)
+        scales[g], zeros[g] = scale, zero
+    scales = scales.half()  # what the checkpoint stores; the grid below uses the stored value
+    s, z = scales.float()[g_idx], zeros[g_idx]
+    q = torch.clamp(torch.round(wt / s) + z, 0, maxq).to(torch.int64)
+    return q, zeros, scales
+
+
+def write_quantized_checkpoint(out_dir: str | Path, method: str = "gptq", bits: int = 4, group_size: int = 32,
+                               desc_act: bool = False, sym: bool = True, reference_dir: str | Path | None = None,
+                               seed: int = 0, **kwargs) -> Path:
+    """A random checkpoint whose decoder linears are GPTQ (v1 format) or AWQ (gemm) quantized, written
+    in the published layout (qwen2_model/quantization/packing.py) with config.json's quantization_config.
+
+    Weights are round-to-nearest on GPTQ's grid (not GPTQ's error-compensating solver: the layout,
+    not the quality, is under test); with `desc_act` each input gets a random act-order permutation
+    (`g_idx`). `reference_dir`: also write the float checkpoint with the dequantized weights, the model
+    the quantized one must match. Other kwargs go to write_random_checkpoint (preset, head, ...)."""
+    from safetensors import safe_open
+
+    from .quantization import packing
+
+    if method not in ("gptq", "awq"):
+        raise ValueError(f"method must be 'gptq' or 'awq', got {method!r}")
+    if method == "awq" and (bits != 4 or desc_act or sym):
+        raise ValueError("AWQ gemm checkpoints are 4-bit, zero-point (sym=False), without act-order")
+    out = write_random_checkpoint(out_dir, seed=seed, dtype=kwargs.pop("dtype", "float16"), **kwargs)
+    files = sorted(out.glob("*.safetensors"))
+    if len(files) != 1:
+        raise ValueError("write_quantized_checkpoint writes single-file checkpoints (num_shards=1)")
+    with safe_open(str(files[0]), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    generator = torch.Generator().manual_seed(seed + 1)
+    reference = dict(tensors)
+    perms: dict[tuple[str, str], torch.Tensor] = {}
+    for name in list(tensors):
+        module = next((m for m in QUANTIZED_LINEARS if name.endswith(f"{m}.weight")), None)
+        if module is None:
+            continue
+        w = tensors.pop(name)  # [out, in]
+        prefix = name[: -len(".weight")]
+        n_in = w.shape[1]
+        group = group_size if group_size != -1 else n_in
+        if desc_act:
+            key = (prefix.rsplit(".", 2)[0], _SAME_INPUT[module])
+            if key not in perms:
+                perms[key] = torch.randperm(n_in, generator=generator)
+            # act-order: rows quantized in permuted order, groups consecutive in that order
+            g_idx = torch.empty(n_in, dtype=torch.int64)
+            g_idx[perms[key]] = torch.arange(n_in) // group
+        else:
+            g_idx = torch.arange(n_in) // group
+        q, zeros, scales = quantize_rtn(w, bits, group_size, sym, g_idx)
+        if method == "gptq":
+            qweight, qzeros = packing.gptq_pack(q, zeros, bits)
+            tensors[f"{prefix}.g_idx"] = g_idx.to(torch.int32)
+        else:
+            qweight, qzeros = packing.awq_pack(q, zeros, bits)
+        tensors.update({f"{prefix}.qweight": qweight, f"{prefix}.qzeros": qzeros, f"{prefix}.scales": scales})
+        reference[name] = packing.dequantize(q, zeros, scales, g_idx).to(w.dtype)
+    save_file(tensors, str(files[0]), metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    if method == "gptq":
+        qc = {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": sym,
+              "damp_percent": 0.01, "true_sequential": True, "static_groups": False, "checkpoint_format": "gptq"}
+    else:
+        qc = {"quant_method": "awq", "bits": bits, "group_size": group_size, "zero_point": True, "version": "gemm",
+              "modules_to_not_convert": None}
+    config["quantization_config"] = qc
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if reference_dir is not None:
+        ref = Path(reference_dir)
+        ref.mkdir(parents=True, exist_ok=True)
+        for item in out.iterdir():
+            if item.is_file() and item.suffix != ".safetensors":
+                shutil.copy(item, ref / item.name)
+        del config["quantization_config"]
+        (ref / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        save_file(reference, str(ref / files[0].name), metadata={"format": "pt"})
+    return out
