@@ -9,6 +9,11 @@ deployments/app.py, print how to call it, and block until Ctrl-C; then Serve and
 Prometheus metrics (deployments/metrics.py: ray_qwen2_*, next to Ray Serve's ray_serve_*) are
 exported by Ray on --metrics-port at /metrics; with --address, on the port that cluster was started
 with (`ray start --metrics-export-port`).
+
+Listening sockets (README, "Security"): with the default --host 127.0.0.1 the local Ray is a
+loopback-only cluster (`local_ray_env`): GCS, raylet, workers, agents and the metrics endpoint listen
+on 127.0.0.1 only; HTTP listens on --host; Ray Serve's gRPC proxy on all interfaces (it has no bind
+address). A --host that exposes the server leaves Ray on the machine's routable address.
 """
 
 from __future__ import annotations
@@ -172,9 +177,29 @@ def grpc_line(args, model: str = "qwen2-demo") -> str:
     return f"qwen2-serve client generate --target {host}:{args.grpc_port} --model {model}{key} --prompt 'Hello, my name is'"
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+# Ray 2.x maps a loopback node IP back to the routable one (services.resolve_ip_for_localhost) unless
+# it believes clusters are off, which this variable says (it is also what Ray does on macOS/Windows):
+# then the node IP is 127.0.0.1 and every Ray process binds its ports to it.
+RAY_LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def local_ray_env(args) -> dict[str, str]:
+    """Environment for the local Ray: loopback-only unless --host exposes the server or --address joins one."""
+    if args.address or args.host not in LOOPBACK_HOSTS:
+        return {}
+    return dict(RAY_LOOPBACK_ENV)
+
+
 def serve_and_block(app_args: dict, args, banner) -> int:
+    env = local_ray_env(args)
+    os.environ.update(env)  # before Ray reads it, and inherited by the processes Ray starts
     import ray
     from ray import serve
+
+    if env:
+        import ray._private.ray_constants as ray_constants
+        ray_constants.ENABLE_RAY_CLUSTER = False  # in case Ray was imported before the variable was set
 
     from deployments.app import build_app
 

@@ -81,7 +81,8 @@ from deployments.protocol import (
     validation_error_to_serve_error,
 )
 
-OPEN_PATHS = {"/health", "/ready", "/docs", "/openapi.json"}
+# With an API key, every other route needs it: /docs and /openapi.json too (they list the API).
+OPEN_PATHS = {"/health", "/ready"}
 TIMEOUT_HEADER = "x-request-timeout"  # seconds; may only shorten the server's request timeout
 
 _STATE: dict[str, Any] = {"frontend": None, "api_key": None}
