@@ -203,8 +203,11 @@ class Qwen2Config:
         if overrides:
             if not isinstance(overrides, dict):
                 raise ConfigError(f"hf_overrides must be a JSON object, got {overrides!r}")
-            if overrides.get("rope_scaling") is not None:
-                raw.pop("rope_parameters", None)  # an override of either spelling wins over both
+            if "rope_scaling" in overrides and "rope_parameters" not in overrides:
+                # an override of rope_scaling (null included) wins over transformers 5's rope_parameters
+                old = raw.pop("rope_parameters", None) or {}
+                if "rope_theta" in old:
+                    raw.setdefault("rope_theta", old["rope_theta"])
             raw.update(overrides)
         model_type = raw.get("model_type", "qwen2")
         if model_type != "qwen2":

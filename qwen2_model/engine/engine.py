@@ -46,7 +46,7 @@ class EngineDead(RuntimeError):
 
 @dataclass
 class EngineConfig:
-    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    max_model_len: int | None = None  # default: the model's context (max_position_embeddings x rope scaling)
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     max_waiting: int = 1024  # queued requests beyond this are refused (429)
@@ -125,7 +125,8 @@ class Engine:
         self.executor = executor
         self.config = config or EngineConfig()
         model_config = executor.config
-        self.max_model_len = self.config.max_model_len or model_config.max_position_embeddings
+        # The context the RoPE scaling supports (YaRN: original x factor); a larger max_model_len is refused.
+        self.max_model_len = model_config.check_max_model_len(self.config.max_model_len)
         self.eos_token_ids = model_config.eos_token_ids
         self.vocab_size = model_config.vocab_size
         self.generative = executor.architecture == "Qwen2ForCausalLM"

@@ -56,9 +56,12 @@ class LocalExecutor:
 
     def __init__(self, model_path: str | Path, dtype: str | None = "auto", device: str = "cpu",
                  kv_cache_memory: int = 256 << 20, block_size: int = 16, gpu_memory_fraction: float = 0.0,
-                 attn_backend: str | None = None, tokenizer_path: str | Path | None = None):
-        """`tokenizer_path`: the checkpoint's tokenizer, for structured output (None: no structured output)."""
-        self.model = from_pretrained(model_path, dtype=dtype or "auto", device=device, attn_backend=attn_backend)
+                 attn_backend: str | None = None, tokenizer_path: str | Path | None = None,
+                 quantization: str | None = None, hf_overrides: dict | None = None, quant_kernel: str = "auto"):
+        """`tokenizer_path`: the checkpoint's tokenizer, for structured output (None: no structured output).
+        `quantization` ("int8"), `hf_overrides` (config.json fields), `quant_kernel`: see loading.from_pretrained."""
+        self.model = from_pretrained(model_path, dtype=dtype or "auto", device=device, attn_backend=attn_backend,
+                                     quantization=quantization, hf_overrides=hf_overrides, quant_kernel=quant_kernel)
         self.dtype_choice = self.model.dtype_choice  # compute dtype and why (shown in /v1/models)
         self.config = self.model.config
         self.architecture = type(self.model).__name__
