@@ -81,6 +81,14 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="tokens per engine step, prefill chunks included (default: %(default)s)")
     g.add_argument("--max-waiting", type=int, default=1024,
                    help="queued requests per replica before 429 (default: %(default)s)")
+    g.add_argument("--max-prefill-tokens", type=int, default=None,
+                   help="at most this many prompt tokens in a step while sequences decode (default: no fixed cap)")
+    g.add_argument("--prefill-step-ratio", type=float, default=2.0,
+                   help="while sequences decode, a step with prompt tokens takes at most this many times a "
+                        "decode-only step (measured; 0 turns it off; default: %(default)s)")
+    g.add_argument("--torch-threads", type=int, default=None,
+                   help="torch threads per Router replica (default: the local machine's CPUs (--num-cpus) shared "
+                        "among the replicas; with --address, each replica's node's CPUs)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _engine_options(args) -> dict:
     engine = {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
-              "max_waiting": args.max_waiting}
+              "max_waiting": args.max_waiting, "max_prefill_tokens": args.max_prefill_tokens,
+              "prefill_step_ratio": args.prefill_step_ratio or None}
     if args.max_model_len:
         engine["max_model_len"] = args.max_model_len
     return engine
@@ -141,8 +150,23 @@ def app_args_for_run(args) -> dict:
         models.append({"name": name, "path": path, "tp": args.tp, "dtype": args.dtype, "device": args.device,
                        "kv_cache_memory": args.kv_cache_memory, "block_size": args.block_size,
                        "gpu_memory_fraction": args.gpu_memory_fraction,
-                       "engine": _engine_options(args), "num_replicas": args.replicas})
+                       "engine": _engine_options(args), "num_replicas": args.replicas,
+                       "torch_threads": _torch_threads(args)})
     return _with_server_args({"models": models}, args)
+
+
+def _torch_threads(args) -> int | None:
+    """The Router's torch threads: the machine's cores shared among the replicas of a model (its
+    Ray share is a fraction of a CPU, for which Ray would set one thread); None on a cluster, where
+    each replica takes its own node's CPUs (deployments/router.py router_torch_threads)."""
+    if args.torch_threads:
+        return args.torch_threads
+    if args.address:
+        return None
+    cpus = args.num_cpus
+    if not cpus:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, int(cpus) // max(1, args.replicas))
 
 
 def app_args_for_demo(args) -> dict:

@@ -44,7 +44,7 @@ logger = logging.getLogger("ray.serve")
 
 # Knobs `reconfigure` accepts (serve_config.yaml `user_config`).
 USER_CONFIG_KEYS = ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "pooled_batch_wait_ms",
-                    "pooled_max_batch_size")
+                    "pooled_max_batch_size", "max_prefill_tokens", "prefill_step_ratio")
 
 
 def map_engine_error(exc: BaseException) -> BaseException:
@@ -85,9 +85,10 @@ class Router:
         from deployments.app import resolve_model_path
         from qwen2_model.engine.engine import AsyncEngine, Engine, EngineConfig
 
-        if torch_threads:
-            import torch
-            torch.set_num_threads(int(torch_threads))
+        import torch
+        # Ray sets OMP_NUM_THREADS to the actor's whole CPUs, or 1 for a fractional num_cpus: left
+        # alone, a 0.25-CPU Router would run the model on one core of a many-core machine.
+        torch.set_num_threads(router_torch_threads(torch_threads))
         self.model_name = model_name
         self.model_path = str(resolve_model_path(model_path))
         device = device or _default_device()
@@ -256,6 +257,8 @@ class Router:
             "max_num_seqs": self.engine.scheduler.config.max_num_seqs,
             "max_num_batched_tokens": self.engine.scheduler.config.max_num_batched_tokens,
             "max_waiting": self.engine.config.max_waiting,
+            "max_prefill_tokens": self.engine.scheduler.config.max_prefill_tokens,
+            "prefill_step_ratio": self.engine.scheduler.config.prefill_step_ratio,
             "pooled_batch_wait_ms": self.pooled_batch_wait_ms,
             "pooled_max_batch_size": self.pooled_max_batch_size,
         }
@@ -265,6 +268,7 @@ class Router:
         out["pooled_batches"] = self.pooled_batches
         out["pooled_max_batch"] = self.pooled_max_batch
         out["pid"] = os.getpid()
+        out["torch_threads"] = _torch_threads()
         out["tp_worker_pids"] = [w.get("pid") for w in getattr(self.engine.executor, "worker_infos", [])]
         return out
 
@@ -290,6 +294,19 @@ class Router:
                 if v < 0:
                     raise ValueError(f"max_waiting must be >= 0, got {v}")
                 self.engine.config.max_waiting = v
+            # Prefill budget while sequences decode (scheduler.py); null turns a cap off.
+            if "max_prefill_tokens" in user_config:
+                v = user_config["max_prefill_tokens"]
+                if v is not None and int(v) < 1:
+                    raise ValueError(f"max_prefill_tokens must be >= 1 or null, got {v}")
+                v = None if v is None else int(v)
+                self.engine.scheduler.config.max_prefill_tokens = self.engine.config.max_prefill_tokens = v
+            if "prefill_step_ratio" in user_config:
+                v = user_config["prefill_step_ratio"]
+                if v is not None and not float(v) > 1.0:
+                    raise ValueError(f"prefill_step_ratio must be > 1 or null, got {v}")
+                v = None if v is None else float(v)
+                self.engine.scheduler.config.prefill_step_ratio = self.engine.config.prefill_step_ratio = v
         if "pooled_batch_wait_ms" in user_config:
             self.pooled_batch_wait_ms = max(0.0, float(user_config["pooled_batch_wait_ms"]))
         if "pooled_max_batch_size" in user_config:
@@ -314,6 +331,31 @@ class Router:
             self.async_engine.shutdown()
         except Exception:
             pass
+
+
+def router_torch_threads(configured: int | None) -> int:
+    """Threads for the model in this process: `configured` (the model's `torch_threads`) when set,
+    else the whole CPUs Ray reserved for this actor (num_cpus >= 1), else (a fractional num_cpus, the
+    default 0.25: a share, not a core) every CPU this process may run on."""
+    if configured:
+        return max(1, int(configured))
+    try:
+        import ray
+        if ray.is_initialized():
+            assigned = ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0)
+            if assigned >= 1:
+                return int(assigned)
+    except Exception:  # not in a Ray worker: the machine's CPUs
+        pass
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no sched_getaffinity (macOS)
+        return max(1, os.cpu_count() or 1)
+
+
+def _torch_threads() -> int:
+    import torch
+    return torch.get_num_threads()
 
 
 def _workers_alive(executor, tp: int):

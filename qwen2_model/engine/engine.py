@@ -49,6 +49,10 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's context (max_position_embeddings x rope scaling)
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
+    # Prefill budget while sequences decode (scheduler.py): a fixed cap in prompt tokens per step,
+    # and the adaptive one, a step with prompt tokens within this many times a decode-only step.
+    max_prefill_tokens: int | None = None
+    prefill_step_ratio: float | None = 2.0
     max_waiting: int = 1024  # queued requests beyond this are refused (429)
     enable_prefix_caching: bool = True
     max_n: int = 16
@@ -134,7 +138,9 @@ class Engine:
         self.grammar = getattr(executor, "grammar", None)
         self.blocks = BlockManager(max(executor.num_kv_blocks, 1), executor.block_size,
                                    self.config.enable_prefix_caching)
-        self.scheduler = Scheduler(SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens),
+        self.scheduler = Scheduler(SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens,
+                                                   max_prefill_tokens=self.config.max_prefill_tokens,
+                                                   prefill_step_ratio=self.config.prefill_step_ratio),
                                    self.blocks)
         self.requests: dict[str, list[Sequence]] = {}
         # LoRA: registered adapters by name, and those in a model slot (LRU first).

@@ -1,11 +1,21 @@
 """Continuous (iteration-level) batching: which sequences run in the next model step, and how many tokens each.
 
-Every step: running sequences go first (first-come-first-served), one token for a decode or a
-chunk of the prompt for a prefill still in progress; then waiting sequences are admitted while the
-token budget (`max_num_batched_tokens`) and `max_num_seqs` allow, their prompts chunked so a long
-prompt never stalls the decodes. When KV blocks run out, the newest running sequence is preempted:
-its blocks are freed and it goes back to the front of the queue to be recomputed later (its prompt
-plus what it generated so far), so nothing fails and the oldest requests keep making progress.
+Every step: running sequences that decode go first (one token each, oldest first), then the
+prompt chunks of running sequences still prefilling, then waiting sequences are admitted in arrival
+order while the token budget (`max_num_batched_tokens`) and `max_num_seqs` allow, their prompts
+chunked. When KV blocks run out, the newest running sequence is preempted: its blocks are freed and
+it goes back to the front of the queue to be recomputed later (its prompt plus what it generated so
+far), so nothing fails and the oldest requests keep making progress.
+
+Bounded token latency: a step that decodes is also the wait for every running stream's next token,
+so while anything decodes, the prompt tokens of a step are capped (the *prefill budget*): at most
+`max_prefill_tokens` when set, and, with `prefill_step_ratio` r, at most what keeps the step within
+r times a decode-only step, by a cost model fitted online to the measured step times
+(`StepCostModel`: seconds = a + b * tokens). A step with no decodes uses the whole token budget (no
+stream waits on it). Why adaptive: the cost of a prompt token relative to a decode step differs by
+orders of magnitude between a 2-core CPU (compute-bound: every token costs) and a GPU (a decode step
+is bound by reading the weights, so a few hundred prompt tokens ride along almost free); a ratio of
+measured times means the same thing on both, a fixed token count does not.
 """
 
 from __future__ import annotations
@@ -102,6 +112,51 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 512
     # Below this many free blocks no new request is admitted, so running ones can grow.
     watermark_blocks: int = 1
+    # Prefill budget while sequences decode (module docstring). A fixed cap in prompt tokens per step
+    # (None: none), and the adaptive one: a step with prompt tokens takes at most this many times a
+    # decode-only step of the same decodes (None: off). Never below `min_prefill_tokens`, so
+    # prompts keep moving however slow the step is.
+    max_prefill_tokens: int | None = None
+    prefill_step_ratio: float | None = 2.0
+    min_prefill_tokens: int = 16
+
+
+class StepCostModel:
+    """seconds ~= a + b * tokens, fitted by exponentially weighted least squares over recent steps.
+
+    `a` is the per-step cost (reading the weights, Python, the LM head of few rows), `b` the cost of
+    one more token. Old steps fade with `decay` per step, so the fit follows a machine whose load
+    changes. Until steps of different sizes have been seen, `ready` is False (no cap is applied).
+    """
+
+    def __init__(self, decay: float = 0.95, min_steps: int = 4):
+        self.decay, self.min_steps = decay, min_steps
+        self.s0 = self.s1 = self.s2 = self.sy = self.sxy = 0.0
+        self.steps = 0
+        self.a, self.b = 0.0, 0.0
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        d, x, y = self.decay, float(tokens), float(seconds)
+        self.s0, self.s1, self.s2 = d * self.s0 + 1, d * self.s1 + x, d * self.s2 + x * x
+        self.sy, self.sxy = d * self.sy + y, d * self.sxy + x * y
+        self.steps += 1
+        det = self.s0 * self.s2 - self.s1 * self.s1
+        b = (self.s0 * self.sxy - self.s1 * self.sy) / det if det > 1e-9 * max(self.s0 * self.s2, 1.0) else 0.0
+        if b <= 0:  # one step size so far, or noise: a cost proportional to tokens
+            self.a, self.b = 0.0, self.sy / self.s1 if self.s1 else 0.0
+        else:
+            self.a, self.b = max(0.0, (self.sy - b * self.s1) / self.s0), b
+
+    @property
+    def ready(self) -> bool:
+        return self.steps >= self.min_steps and self.b > 0
+
+    def seconds(self, tokens: int) -> float:
+        return self.a + self.b * tokens
+
+    def prefill_budget(self, decodes: int, ratio: float) -> int:
+        """Prompt tokens that keep a step with `decodes` decodes within `ratio` x its decode-only time."""
+        return int((ratio - 1.0) * self.seconds(decodes) / self.b)
 
 
 class Scheduler:
@@ -113,6 +168,10 @@ class Scheduler:
         self.num_preemptions = 0
         # False keeps a waiting sequence out for now (the engine: its LoRA adapter has no slot yet)
         self.can_admit: Callable[[Sequence], bool] = lambda seq: True
+        self.cost = StepCostModel()
+        self.clock = time.perf_counter  # tests drive a fake one
+        self._step_started: float | None = None
+        self.last_prefill_budget: int | None = None  # the cap of the last step (None: uncapped)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -155,21 +214,44 @@ class Scheduler:
                 if victim is seq:
                     return False
 
+    def prefill_budget(self, decodes: int) -> int | None:
+        """The cap on prompt tokens in a step that carries `decodes` decodes (None: no cap)."""
+        if not decodes:
+            return None
+        cfg = self.config
+        caps = []
+        if cfg.max_prefill_tokens is not None:
+            caps.append(cfg.max_prefill_tokens)
+        if cfg.prefill_step_ratio is not None and self.cost.ready:
+            caps.append(self.cost.prefill_budget(decodes, cfg.prefill_step_ratio))
+        if not caps:
+            return None
+        return max(min(caps), cfg.min_prefill_tokens)
+
     def schedule(self) -> list[ScheduledSeq]:
-        budget = self.config.max_num_batched_tokens
-        scheduled: list[ScheduledSeq] = []
-        # 1. running sequences, oldest first
-        for seq in list(self.running):
-            if budget == 0 or seq not in self.running:
+        max_tokens = self.config.max_num_batched_tokens
+        # 1. running decodes, oldest first: one token each (the one sampled last step)
+        decodes: list[ScheduledSeq] = []
+        for seq in [s for s in self.running if not s.prefilling]:
+            num_new = seq.num_tokens - seq.num_computed  # 1 (0 only if a caller skipped sampling)
+            if len(decodes) < max_tokens and seq in self.running and self._grow(seq, num_new):
+                decodes.append(ScheduledSeq(seq, num_new))
+        decodes = [s for s in decodes if s.seq in self.running]  # a later grow may preempt an earlier one
+        # Prompt tokens this step may carry: the token budget left, capped while anything decodes.
+        cap = self.last_prefill_budget = self.prefill_budget(len(decodes))
+        budget = max_tokens - len(decodes) if cap is None else min(max_tokens - len(decodes), cap)
+        # 2. running prefills (a chunked prompt, or a recompute after preemption), oldest first
+        prefills: list[ScheduledSeq] = []
+        for seq in [s for s in self.running if s.prefilling]:
+            if budget <= 0 or seq not in self.running:
                 continue
             num_new = min(seq.num_tokens - seq.num_computed, budget)
-            if not self._grow(seq, num_new):
-                continue
-            scheduled.append(ScheduledSeq(seq, num_new))
-            budget -= num_new
-        scheduled = [s for s in scheduled if s.seq in self.running]  # a later grow may preempt an earlier one
-        budget = self.config.max_num_batched_tokens - sum(s.num_new_tokens for s in scheduled)
-        # 2. admit waiting sequences in arrival order (no skipping ahead: no starvation)
+            if self._grow(seq, num_new):
+                prefills.append(ScheduledSeq(seq, num_new))
+                budget -= num_new
+        scheduled = [s for s in decodes + prefills if s.seq in self.running]
+        budget = min(budget, max_tokens - sum(s.num_new_tokens for s in scheduled))
+        # 3. admit waiting sequences in arrival order (no skipping ahead: no starvation)
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             if seq.wait_for is not None and seq.wait_for.status != Status.FINISHED and \
@@ -207,10 +289,15 @@ class Scheduler:
             self.running.append(seq)
             scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new
+        self._step_started = self.clock() if scheduled else None
         return scheduled
 
     def after_step(self, scheduled: list[ScheduledSeq]) -> None:
-        """Advance computed counts and publish newly full blocks to the prefix cache."""
+        """Advance computed counts and publish newly full blocks to the prefix cache; the time since
+        `schedule` returned (the model step) feeds the cost model."""
+        if self._step_started is not None and scheduled:
+            self.cost.observe(sum(i.num_new_tokens for i in scheduled), self.clock() - self._step_started)
+            self._step_started = None
         for item in scheduled:
             seq = item.seq
             seq.num_computed += item.num_new_tokens

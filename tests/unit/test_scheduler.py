@@ -4,7 +4,7 @@ import pytest
 
 from qwen2_model.engine.block_manager import BlockManager, NoFreeBlocks
 from qwen2_model.engine.sampling import SamplingParams
-from qwen2_model.engine.scheduler import Scheduler, SchedulerConfig, Sequence
+from qwen2_model.engine.scheduler import Scheduler, SchedulerConfig, Sequence, StepCostModel
 
 
 def cache_prompt(blocks: BlockManager, tokens: list[int]) -> list[int]:
@@ -106,3 +106,110 @@ def test_a_waiting_sequence_holds_no_blocks_and_its_lookup_counts_once():
     scheduler.finish(big, "stop")
     assert [(s.seq.request_id, s.num_new_tokens) for s in scheduler.schedule()] == [("shared", 5)]
     assert (blocks.prefix_queries - queries, blocks.prefix_hits) == (3, 2)  # 2 found, the third missed
+
+
+# --- bounded token latency: the prefill budget while sequences decode ---------------------------------
+
+def _run_step(scheduler: Scheduler, clock: list[float] | None = None, cost=(0.0, 0.0)) -> list:
+    """One step: schedule, (advance the fake clock by a + b * tokens), sample a token for each row that samples."""
+    scheduled = scheduler.schedule()
+    if clock is not None:
+        clock[0] += cost[0] + cost[1] * sum(s.num_new_tokens for s in scheduled)
+    sampled = [s.seq for s in scheduled if s.samples]
+    scheduler.after_step(scheduled)
+    for seq in sampled:
+        seq.output_token_ids.append(1)
+    return scheduled
+
+
+def _decoding(scheduler: Scheduler, n: int) -> list[Sequence]:
+    seqs = [make_seq(f"d{i}", 8) for i in range(n)]
+    for seq in seqs:
+        scheduler.add(seq)
+    _run_step(scheduler)  # their prompts: from now on they decode
+    assert all(seq.output_token_ids for seq in seqs)
+    return seqs
+
+
+@pytest.mark.parametrize("cap", [32, None])
+def test_a_long_prompt_holds_no_decode_back_more_than_the_prefill_budget(cap):
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=512, max_prefill_tokens=cap,
+                                          prefill_step_ratio=None), BlockManager(200, 16))
+    decoders = _decoding(scheduler, 4)
+    long = make_seq("long", 400)
+    scheduler.add(long)
+    steps = 0
+    while not long.output_token_ids:
+        scheduled = _run_step(scheduler)
+        steps += 1
+        by_id = {s.seq.request_id: s.num_new_tokens for s in scheduled}
+        # every decoding stream gets its next token in every step ...
+        assert all(by_id.get(d.request_id) == 1 for d in decoders)
+        # ... and waits for at most the budget's worth of prompt tokens
+        if cap is not None:
+            assert by_id["long"] <= cap
+    if cap is None:
+        assert steps == 1  # uncapped, the whole prompt rides in one step (the stall the budget prevents)
+    else:
+        assert steps == -(-400 // cap)  # and the prompt still moves at the budget's pace
+
+
+def test_the_budget_applies_only_while_something_decodes():
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=512, max_prefill_tokens=32,
+                                          prefill_step_ratio=None), BlockManager(200, 16))
+    scheduler.add(make_seq("alone", 300))
+    assert [s.num_new_tokens for s in scheduler.schedule()] == [300]  # nobody waits on this step
+    assert scheduler.last_prefill_budget is None
+
+
+def test_step_cost_model_recovers_a_linear_cost():
+    model = StepCostModel()
+    for tokens in [8, 64, 8, 8, 200, 9, 40] * 3:
+        model.observe(tokens, 0.05 + 0.002 * tokens)
+    assert model.ready
+    assert model.a == pytest.approx(0.05, rel=1e-6) and model.b == pytest.approx(0.002, rel=1e-6)
+    # 8 decodes: 0.066 s alone; twice that leaves room for 0.066 / 0.002 = 33 prompt tokens
+    assert model.prefill_budget(8, 2.0) == 33
+
+
+def test_adaptive_budget_keeps_a_step_with_prefill_near_ratio_times_a_decode_step():
+    """Measured step times (a fake clock: a + b * tokens seconds a step) set the cap: a step that
+    carries prompt tokens while 8 streams decode takes at most 2x a decode-only step."""
+    a, b, ratio = 0.1, 0.002, 2.0
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=512, prefill_step_ratio=ratio),
+                          BlockManager(400, 16))
+    clock = [0.0]
+    scheduler.clock = lambda: clock[0]
+    for i in range(8):
+        scheduler.add(make_seq(f"d{i}", 8 + i))
+    _run_step(scheduler, clock, (a, b))
+    for _ in range(4):  # decode-only steps: the model now has two step sizes
+        _run_step(scheduler, clock, (a, b))
+    long = make_seq("long", 1000)
+    scheduler.add(long)
+    decode_only = a + b * 8
+    chunks = []
+    while not long.output_token_ids:
+        before = clock[0]
+        scheduled = _run_step(scheduler, clock, (a, b))
+        chunks.append(next(s.num_new_tokens for s in scheduled if s.seq is long))
+        assert clock[0] - before <= ratio * decode_only + 1e-9
+    # (2 - 1) * 0.116 s / 0.002 s per token = 58 prompt tokens a step: the prompt moves as fast as the bound allows
+    assert max(chunks) in (57, 58) and len(chunks) == -(-1000 // max(chunks))
+
+
+def test_the_adaptive_budget_never_stops_a_prompt():
+    """However slow prompt tokens are, a step carries at least min_prefill_tokens of them."""
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=512, prefill_step_ratio=1.1),
+                          BlockManager(400, 16))
+    clock = [0.0]
+    scheduler.clock = lambda: clock[0]
+    for i in range(4):
+        scheduler.add(make_seq(f"d{i}", 8 + i))
+    for _ in range(5):
+        _run_step(scheduler, clock, (0.0, 0.1))
+    long = make_seq("long", 100)
+    scheduler.add(long)
+    scheduled = _run_step(scheduler, clock, (0.0, 0.1))
+    assert scheduler.last_prefill_budget == 16  # 0.1 * 4 decodes' time = 0 tokens: the floor
+    assert next(s.num_new_tokens for s in scheduled if s.seq is long) == 16
