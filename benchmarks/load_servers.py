@@ -1,6 +1,7 @@
 """The systems serve_load.py measures: qwen2-serve (its CLI), vLLM's OpenAI server, the engine alone.
 
-Servers run as child processes in their own session on free ports; `stop()` sends SIGINT (the CLI
+Every system runs as a child process in its own session (the kernel's autogroup scheduler shares
+a busy machine equally among sessions, so all get the same footing); servers listen on free ports; `stop()` sends SIGINT (the CLI
 then shuts Serve and its local Ray down), waits, and kills the whole process group if anything is
 left, so no server or Ray outlives the benchmark. Their output goes to a log file in the results
 folder. The engine alone runs in a child process too (`serve_load.py engine ...`), so its memory
@@ -37,6 +38,33 @@ def ensure_checkpoint(path: Path, dtype: str, tokenizer_dir: Path | None) -> Pat
         write_random_checkpoint(tmp, preset="qwen2-0.5b", dtype=dtype, tokenizer_dir=tokenizer_dir)
         os.replace(tmp, path)
     return path
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU seconds (user + system) used so far by the live processes under `root`, root included.
+
+    On a shared machine wall-clock throughput swings with the neighbours' load; CPU seconds per
+    output token says what the system itself spends (Ray's processes are the CLI's descendants).
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    stats, children = {}, {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        fields = raw[raw.rindex(")") + 2:].split()  # after "pid (comm) "
+        pid, ppid = int(entry.name), int(fields[1])
+        stats[pid] = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+        children.setdefault(ppid, []).append(pid)
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        total += stats.get(pid, 0.0)
+        todo.extend(children.get(pid, ()))
+    return total
 
 
 def find_vllm_python() -> Path | None:
@@ -187,4 +215,6 @@ def run_engine_alone(args, checkpoint: Path, work_path: Path, out_path: Path, *,
     if rate:
         cmd += ["--rate", str(rate)]
     with open(log_path, "ab") as log:
-        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        # Its own session, like the servers: with the kernel's autogroup scheduling each session gets
+        # an equal share of a busy machine, so the engine alone must not share the benchmark's.
+        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)

@@ -94,6 +94,14 @@ class RequestOutput:
         return self.finish_reason is not None
 
 
+def merge_outputs(first: RequestOutput, then: RequestOutput) -> RequestOutput:
+    """Two consecutive outputs of one choice as one (the tokens of both, the later state)."""
+    return dataclasses.replace(then, new_token_ids=first.new_token_ids + then.new_token_ids,
+                               new_logprobs=first.new_logprobs + then.new_logprobs,
+                               prompt_logprobs=first.prompt_logprobs if first.prompt_logprobs is not None
+                               else then.prompt_logprobs)
+
+
 @dataclass
 class EngineStats:
     running: int = 0
@@ -544,12 +552,22 @@ class AsyncEngine:
         self._inbox.put(("add", request_id, list(prompt_token_ids), params, lora))
         self._wake.set()
         remaining = params.n
+        held = None  # taken from the queue while coalescing, but another choice's (or an error)
         try:
             while remaining:
-                item = await stream.get()
+                item, held = (held, None) if held is not None else (await stream.get(), None)
                 if isinstance(item, BaseException):
                     remaining = 0  # nothing of it is left in the engine
                     raise item
+                # Coalesce: when the consumer fell behind, this choice's outputs already queued go
+                # out as one (one message through Serve and one SSE/gRPC write instead of several).
+                while not item.finished and not stream.empty():
+                    nxt = stream.get_nowait()
+                    if isinstance(nxt, RequestOutput) and nxt.index == item.index:
+                        item = merge_outputs(item, nxt)
+                    else:
+                        held = nxt
+                        break
                 if item.finished:
                     remaining -= 1
                 yield item

@@ -1,0 +1,51 @@
+"""AsyncEngine coalesces a choice's queued outputs: a consumer that fell behind gets one message
+with every token it missed (one Serve message and one SSE / gRPC write instead of one per token),
+and the tokens are exactly those of a consumer that kept up."""
+
+import asyncio
+
+import pytest
+
+from qwen2_model.engine.engine import AsyncEngine, Engine, EngineConfig
+from qwen2_model.engine.executor import LocalExecutor
+from qwen2_model.engine.sampling import SamplingParams
+from qwen2_model.testing import write_random_checkpoint
+
+
+@pytest.fixture(scope="module")
+def executor(tmp_path_factory):
+    return LocalExecutor(write_random_checkpoint(tmp_path_factory.mktemp("ck"), num_hidden_layers=2),
+                         kv_cache_memory=2 << 20)
+
+
+async def _collect(engine: AsyncEngine, rid: str, lag_s: float, **params) -> list:
+    outs = []
+    stream = engine.generate(rid, [5, 6, 7, 8], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True,
+                                                               **params))
+    async for out in stream:
+        outs.append(out)
+        if len(outs) == 1 and lag_s:
+            while engine.engine.requests.get(rid):  # let the engine finish while we do not read
+                await asyncio.sleep(lag_s)
+            await asyncio.sleep(0.2)  # and its last outputs reach this loop
+    return outs
+
+
+def test_a_slow_consumer_gets_the_missed_tokens_in_one_message(executor):
+    async def main():
+        engine = AsyncEngine(Engine(executor, EngineConfig()))
+        try:
+            fast = await _collect(engine, "keeps-up", 0.0)
+            slow = await _collect(engine, "falls-behind", 0.01, logprobs=1)
+        finally:
+            engine._stopped = True
+            engine._wake.set()
+        return fast, slow
+
+    fast, slow = asyncio.run(main())
+    tokens = [t for o in fast for t in o.new_token_ids]
+    assert len(fast) == 12 and len(tokens) == 12  # one message per step when the reader keeps up
+    assert len(slow) == 2  # the first, then the 11 it missed at once
+    assert [t for o in slow for t in o.new_token_ids] == tokens
+    assert [lp.token_id for o in slow for lp in o.new_logprobs] == tokens  # logprobs stay aligned
+    assert slow[-1].finish_reason == "length" and slow[-1].num_output_tokens == 12
