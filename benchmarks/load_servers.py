@@ -98,7 +98,7 @@ class Server:
     def env(self) -> dict:
         return dict(os.environ)
 
-    def start(self, timeout_s: float = 600) -> None:
+    def start(self, timeout_s: float = 1500) -> None:
         import urllib.request
 
         log = open(self.log_path, "wb")
