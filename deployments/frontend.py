@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
@@ -49,6 +50,8 @@ TASK_BY_ARCHITECTURE = {
     "Qwen2Model": "embed",
 }
 ANSWER_MAX_SPAN_TOKENS = 30
+# How long a Router's "queue full" answers for it (< Retry-After's 1 s); 0 turns the view off.
+QUEUE_FULL_HOLD_S = float(os.environ.get("QWEN2_SERVE_QUEUE_FULL_HOLD_S", "0.1"))
 
 
 @dataclass
@@ -209,6 +212,10 @@ class Frontend:
         self.by_name = {m.name: m for m in models}
         self.limits = limits
         self.request_timeout_s = float(request_timeout_s)
+        # Admission view (issue 16): after a Router answered "queue full", new generations for that
+        # model are refused here for QUEUE_FULL_HOLD_S without the round trip to the busy replica,
+        # so a 429 costs what the ingress costs. Any admitted request's first output clears it.
+        self._queue_full_until: dict[str, float] = {}
 
     # --- models --------------------------------------------------------------------------------
 
@@ -323,6 +330,8 @@ class Frontend:
         """
         start = time.monotonic()
         entry = self.resolve(model, "generate")
+        if start < self._queue_full_until.get(entry.name, 0.0):
+            raise QueueFullError("The server is busy (the model's queue is full); retry later", retry_after=1.0)
         params = dict(sampling)
         stop = list(params.pop("stop", None) or [])
         echo = bool(params.pop("echo", False))
@@ -344,10 +353,15 @@ class Frontend:
                     out = await deadline.run(stream.__anext__())
                 except StopAsyncIteration:
                     break
-                except ServeError:
-                    raise
                 except Exception as exc:
-                    raise to_serve_error(exc) from None
+                    err = to_serve_error(exc)
+                    if isinstance(err, QueueFullError):
+                        self._queue_full_until[entry.name] = time.monotonic() + QUEUE_FULL_HOLD_S
+                    if err is exc:
+                        raise
+                    raise err from None
+                if self._queue_full_until:
+                    self._queue_full_until.pop(entry.name, None)  # admitted: the queue has room again
                 st = states[out["index"]]
                 if out["finish_reason"] is not None:
                     engine_done[out["index"]] = True

@@ -10,6 +10,8 @@ import openai
 import pytest
 import torch
 
+from deployments.frontend import QUEUE_FULL_HOLD_S
+
 pytestmark = pytest.mark.slow
 
 PROMPT = "The quick brown fox jumps over the lazy dog"
@@ -509,6 +511,7 @@ def test_429_queue_full(serve_app, http):
         assert error_of(r)["code"] == "queue_full"
     finally:
         router.reconfigure.remote({"max_waiting": 1024}).result(timeout_s=30)
+    time.sleep(QUEUE_FULL_HOLD_S + 0.05)  # the ingress keeps a "queue full" answer for this long
     r = http.post("/v1/completions", json={"model": serve_app.generate_model, "prompt": "hi", "max_tokens": 2})
     assert r.status_code == 200
 

@@ -103,3 +103,59 @@ def test_raw_servicer_registers_every_rpc_without_a_deserializer():
     assert server.name == "qwen2_serve.v1.Qwen2Serve" and set(server.handlers) == methods
     assert all(h.request_deserializer is None for h in server.handlers.values())
     assert server.handlers["GenerateStream"].response_streaming and not server.handlers["Generate"].response_streaming
+
+
+# --- admission view: a full queue is refused at the ingress ----------------------------------------------------
+
+class FullThenFreeRouter:
+    """A Router handle that answers "queue full" until `free` is set, and counts the calls it got."""
+
+    def __init__(self):
+        self.calls, self.free = 0, False
+        self.generate, self.abort = self, self
+
+    def options(self, stream: bool = False):
+        return self
+
+    def remote(self, request_id, prompt_ids=None, params=None):
+        if prompt_ids is None:
+            return None
+        self.calls += 1
+        return self._outputs()
+
+    async def _outputs(self):
+        from deployments.errors import QueueFullError
+
+        if not self.free:
+            raise QueueFullError("The server is busy (the queue is full); retry later")
+        yield {"index": 0, "token_ids": [5], "finish_reason": "length", "num_output_tokens": 1, "logprobs": None}
+
+
+def test_a_full_queue_is_refused_at_the_ingress_without_calling_the_router(qwen_tokenizer_dir, monkeypatch):
+    import asyncio
+    import time
+
+    from deployments import frontend as fe_mod
+    from deployments.errors import QueueFullError
+    from deployments.frontend import Frontend, ModelEntry
+    from qwen2_model.tokenizer import Qwen2Tokenizer
+
+    monkeypatch.setattr(fe_mod, "QUEUE_FULL_HOLD_S", 60.0)  # longer than this test's first call (metrics warm-up)
+    router = FullThenFreeRouter()
+    fe = Frontend([ModelEntry("m", path="", task="generate", tokenizer=Qwen2Tokenizer.from_pretrained(qwen_tokenizer_dir),
+                              router=router, max_model_len=64)])
+    sampling = {"n": 1, "max_tokens": 1, "stop": []}
+
+    async def generate():
+        return await fe.generate("m", [1, 2], sampling)
+
+    for _ in range(3):
+        with pytest.raises(QueueFullError) as info:
+            asyncio.run(generate())
+        assert info.value.retry_after == 1.0
+    assert router.calls == 1  # the first answer held for QUEUE_FULL_HOLD_S: the others never left the ingress
+    router.free = True
+    monkeypatch.setattr(fe_mod.time, "monotonic", lambda: time.perf_counter() + 3600)  # the hold is over
+    choices, _ = asyncio.run(generate())
+    assert choices[0].finish_reason == "length" and router.calls == 2
+    assert fe._queue_full_until == {}  # admitted: the view is cleared
