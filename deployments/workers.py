@@ -141,6 +141,9 @@ class TPWorker:
     def execute(self, step: StepInput) -> StepOutput:
         return self.runner.execute(step)  # all ranks compute; only rank 0 samples (the others return {})
 
+    def load_lora(self, slot: int, path: str, max_loras: int, max_rank: int, name: str | None = None) -> None:
+        self.runner.load_lora(slot, path, max_loras, max_rank, name)  # this rank's slices of the adapter
+
     def run_pooled(self, req: PooledInput) -> list | None:
         out = self.runner.run_pooled(req)
         return out if self.rank == 0 else None  # same result on every rank; ship it once
@@ -450,6 +453,14 @@ class RayExecutor:
 
     def run_pooled(self, req: PooledInput) -> list:
         return self._live_group().call("run_pooled", req, timeout_s=self.step_timeout_s)[0]
+
+    def load_lora(self, slot: int, path: str, max_loras: int, max_rank: int, name: str | None = None) -> None:
+        """Every rank reads its slices of the adapter into `slot`. Checked here first (header only), so
+        a bad adapter raises LoraError without failing a rank (which would take the group down)."""
+        from qwen2_model.lora import read_adapter
+
+        read_adapter(path, self.config, max_rank)
+        self._live_group().call("load_lora", slot, str(path), max_loras, max_rank, name, timeout_s=self.step_timeout_s)
 
     def forward_logits(self, token_ids: list[list[int]], attention_mask: list[list[int]] | None = None):
         """The head's full output on rank 0 (tests and debugging: ships logits, not for serving)."""
