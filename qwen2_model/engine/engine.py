@@ -342,7 +342,10 @@ class Engine:
         scheduled = self.scheduler.schedule()
         # decode = the one new token after a generated one (judged before the step advances counts)
         decodes = [i.num_new_tokens == 1 and i.samples and bool(i.seq.output_token_ids) for i in scheduled]
-        step_input = StepInput([self._seq_step(item) for item in scheduled], self._finished_seq_ids)
+        seq_steps = [self._seq_step(item) for item in scheduled]
+        if self.lora_slots:  # rows of one adapter next to each other: one slice per adapter in the LoRA matmuls
+            seq_steps.sort(key=lambda s: s.lora_slot)
+        step_input = StepInput(seq_steps, self._finished_seq_ids)
         self._finished_seq_ids = []
         if not scheduled:
             return []
