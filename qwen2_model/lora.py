@@ -205,13 +205,17 @@ class LoraLinear:
     Not an nn.Module on purpose: its buffers are not checkpoint weights (the loader walks modules).
     """
 
-    def __init__(self, layer, sub_ids: list[str | None], state: LoraState, max_loras: int, max_rank: int):
+    def __init__(self, layer, sub_ids: list[str | None], state: LoraState, max_loras: int, max_rank: int,
+                 dtype: torch.dtype, device):
         self.layer, self.sub_ids, self.state = layer, sub_ids, state
-        weight = layer.weight
-        out_local, in_local = weight.shape
+        # shapes from the layer's layout, not its weight (a quantized layer has none in that shape)
+        if hasattr(layer, "in_local"):  # row-parallel
+            out_local, in_local = layer.out_features, layer.in_local
+        else:
+            out_local, in_local = sum(layer.local_sizes.values()), layer.in_features
         k = len(sub_ids)
-        self.A = torch.zeros(max_loras, k * max_rank, in_local, dtype=weight.dtype, device=weight.device)
-        self.B = torch.zeros(max_loras, out_local, k * max_rank, dtype=weight.dtype, device=weight.device)
+        self.A = torch.zeros(max_loras, k * max_rank, in_local, dtype=dtype, device=device)
+        self.B = torch.zeros(max_loras, out_local, k * max_rank, dtype=dtype, device=device)
         self.ranks = [0] * max_loras  # columns of B / rows of A in use per slot (0: this slot leaves the layer alone)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -240,12 +244,14 @@ class LoraSlots:
         self.decoder, self.max_loras, self.max_rank = decoder, max_loras, max_rank
         self.state = LoraState()
         self.hooks: list[dict[str, LoraLinear]] = []  # per layer: fused module name -> hook
+        embed = decoder.embed_tokens.weight  # the model's compute dtype and device
         for layer in decoder.layers:
             hooks = {}
             for name in FUSED:
                 linear = layer.get_submodule(name)
                 subs = list(getattr(linear, "local_sizes", {None: 0}))
-                hooks[name] = linear.lora = LoraLinear(linear, subs, self.state, max_loras, max_rank)
+                hooks[name] = linear.lora = LoraLinear(linear, subs, self.state, max_loras, max_rank,
+                                                       embed.dtype, embed.device)
             self.hooks.append(hooks)
         self.names: list[str | None] = [None] * max_loras
 
