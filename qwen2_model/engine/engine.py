@@ -220,16 +220,19 @@ class Engine:
         self.loras[name] = ref
         return ref
 
-    def remove_lora(self, name: str) -> None:
-        """Forget an adapter: new requests cannot ask for it; requests in flight finish with it."""
-        self.loras.pop(name, None)
+    def remove_lora(self, name: str, ref: LoraRef | None = None) -> None:
+        """Forget an adapter (only if still registered as `ref`, when given): new requests cannot ask
+        for it; requests in flight finish with it. A dict pop: safe from any thread without the lock."""
+        if ref is None or self.loras.get(name) is ref:
+            self.loras.pop(name, None)
 
     def lora_ref(self, name: str | None) -> LoraRef | None:
         if name is None:
             return None
-        if name not in self.loras:
+        ref = self.loras.get(name)
+        if ref is None:
             raise EngineError(f"LoRA adapter {name!r} is not loaded", param="model", code="model_not_found")
-        return self.loras[name]
+        return ref
 
     def _free_lora_slot(self, needed: set[LoraRef]) -> int | None:
         used = set(self.lora_slots.values())
@@ -591,9 +594,8 @@ class AsyncEngine:
                 return self.engine.add_lora(name, path)
         return await asyncio.to_thread(run)
 
-    def remove_lora(self, name: str) -> None:
-        with self._lock:
-            self.engine.remove_lora(name)
+    def remove_lora(self, name: str, ref: LoraRef | None = None) -> None:
+        self.engine.remove_lora(name, ref)
 
     async def run_pooled(self, req: PooledInput) -> list:
         def run():
