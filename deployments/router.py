@@ -43,7 +43,7 @@ from qwen2_model.engine.engine import (AsyncEngine, Engine, EngineConfig, Engine
                                        RequestOutput)
 from qwen2_model.engine.model_runner import PooledInput
 from qwen2_model.engine.sampling import SamplingLimits, SamplingParams
-from qwen2_model.tasks import can_run
+from qwen2_model.tasks import GENERATE, can_run
 
 logger = logging.getLogger("ray.serve")
 
@@ -145,7 +145,7 @@ class Router:
                      normalize: bool = True) -> list:
         self._check_alive()
         # A model's own head, or embeddings (every architecture has the decoder); generation streams.
-        if task == "generate" or not can_run(self.engine.executor.architecture, task):
+        if task == GENERATE or not can_run(self.engine.executor.architecture, task):
             raise InvalidRequestError(f"model {self.model_name!r} ({self.engine.executor.architecture}) cannot "
                                       f"run task {task!r}", param="model")
         if not token_ids:

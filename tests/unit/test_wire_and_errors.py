@@ -259,7 +259,7 @@ def test_same_fields_for_http_and_grpc():
         {"prompt": "hi", "stop": "\n", "logit_bias": {"42": 5.5, "7": -100}, **knobs}))
     rpc = to_fields(pb.GenerateRequest(prompt="hi", stop=["\n"], logit_bias={42: 5.5, 7: -100}, **knobs))
     assert http == rpc
-    assert http == {**knobs, "logit_bias": {42: 5.5, 7: -100.0}, "prompt_logprobs": None, "echo": False,
+    assert http == {**knobs, "logit_bias": {42: 5.5, 7: -100.0}, "prompt_logprobs": None, "structured": None, "echo": False,
                     "stop": ["\n"]}
 
 
