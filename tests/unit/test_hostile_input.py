@@ -116,11 +116,13 @@ class FullThenFreeRouter(ScriptedRouter):
         self.calls, self.free = 0, False
         scripted = self.generate.remote
 
+        async def full():  # as a Serve handle: the error comes with the stream's first item
+            raise QueueFullError("The server is busy (the queue is full); retry later")
+            yield
+
         def generate(request_id, prompt_ids, params):
             self.calls += 1
-            if not self.free:
-                raise QueueFullError("The server is busy (the queue is full); retry later")
-            return scripted(request_id, prompt_ids, params)
+            return scripted(request_id, prompt_ids, params) if self.free else full()
 
         self.generate.remote = generate
 
