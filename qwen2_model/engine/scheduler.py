@@ -90,6 +90,10 @@ class Sequence:
         return self.params.prompt_logprobs is not None and \
             len(self.prompt_logprobs) < len(self.prompt_token_ids) - 1
 
+    @property
+    def prefilling(self) -> bool:
+        return self.num_tokens - self.num_computed > 1
+
 
 @dataclass
 class ScheduledSeq:
