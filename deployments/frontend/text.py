@@ -19,15 +19,19 @@ class StopMatcher:
         self.held = ""  # text not yet emitted: it may be the start of a stop string
 
     def feed(self, text: str, final: bool = False) -> tuple[str, bool]:
-        """-> (text to emit, stopped). After `stopped` the matcher is done: feed nothing more."""
+        """-> (text to emit, stopped). After `stopped` the matcher is done: feed nothing more.
+
+        The stop string that completes first ends the text (the earliest end; at equal ends the
+        longer one), as when the stream is read token by token: so the result does not depend on
+        how the text was split into chunks."""
         buf = self.held + text
         if not self.stop:
             self.held = ""
             return buf, False
-        hit = min((i for i in (buf.find(s) for s in self.stop) if i >= 0), default=-1)
-        if hit >= 0:
+        hits = [(i + len(s), i) for s, i in ((s, buf.find(s)) for s in self.stop) if i >= 0]
+        if hits:
             self.held = ""
-            return buf[:hit], True
+            return buf[:min(hits)[1]], True
         if final:
             self.held = ""
             return buf, False
