@@ -28,7 +28,7 @@ import threading
 from pathlib import Path
 
 GRPC_SERVICERS = [
-    "deployments.grpc_raw.add_Qwen2ServeServicer_to_server",  # raw request bytes: undecodable -> INVALID_ARGUMENT
+    "deployments.grpc_api.raw.add_Qwen2ServeServicer_to_server",  # raw request bytes: undecodable -> INVALID_ARGUMENT
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",  # standard grpc.health.v1 Check
 ]
 APP_NAME = "qwen2"
@@ -115,12 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server_options(run)
     run.set_defaults(func=cmd_run)
 
-    try:
-        from deployments.client_cli import add_client_commands
-    except ImportError:
-        pass
-    else:
-        add_client_commands(sub)
+    from deployments.client_cli import add_client_commands
+
+    add_client_commands(sub)
     return parser
 
 

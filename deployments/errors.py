@@ -17,12 +17,14 @@ HTTP status, the gRPC status code and the OpenAI error `type`, so HTTP and gRPC 
 HTTP bodies are OpenAI's `{"error": {"message", "type", "param", "code"}}`, so the `openai` client
 raises its matching exception (BadRequestError, AuthenticationError, NotFoundError, ...).
 
-Also here: turning a pydantic ValidationError into an invalid_request that names the field, and
-the API-key check (constant-time).
+Also here: `to_serve_error` (whatever a Router call raised, Ray's wrappers included -> the
+ServeError to show), turning a pydantic ValidationError into an invalid_request that names the
+field, and the API-key check (constant-time).
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import hmac
 import math
@@ -180,6 +182,38 @@ ERROR_CLASSES: dict[ErrorCode, type[ServeError]] = {
         InternalError,
     )
 }
+
+
+def to_serve_error(exc: BaseException) -> ServeError:
+    """Whatever a Router call raised -> the ServeError to show the client.
+
+    A replica's ServeError comes back wrapped by Ray (a RayTaskError that is also an instance of
+    the original class, with the original as `cause`): the plain one is returned. Ray's own
+    failures map to 429 / 503; a timeout to 408; anything else is internal (500).
+    """
+    seen = 0
+    cur: BaseException | None = exc
+    while cur is not None and seen < 5:  # RayTaskError(cause=...) chains
+        if isinstance(cur, ServeError):
+            cause = getattr(cur, "cause", None)
+            return cause if isinstance(cause, ServeError) else cur
+        cur = getattr(cur, "cause", None) or cur.__cause__
+        seen += 1
+    name = type(exc).__name__
+    from ray import exceptions as rex
+    from ray.serve import exceptions as sex
+
+    if isinstance(exc, sex.BackPressureError):
+        return QueueFullError(f"The server is busy ({exc}); retry later", retry_after=1.0)
+    if isinstance(exc, (rex.RayActorError, rex.ActorDiedError, rex.ActorUnavailableError)):
+        return UnavailableError(f"The model replica is not available: {name}")
+    if isinstance(exc, sex.DeploymentUnavailableError):
+        return UnavailableError(str(exc))
+    if isinstance(exc, rex.TaskCancelledError):
+        return UnavailableError("The request was cancelled")
+    if isinstance(exc, asyncio.TimeoutError):
+        return RequestTimeoutError("The request timed out")
+    return InternalError(f"Internal error: {name}: {exc}")
 
 
 # ---------------------------------------------------------------------------------------------

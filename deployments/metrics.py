@@ -10,7 +10,7 @@ and Serve adds the `deployment`, `replica` and `application` labels: `MetricSpec
 name an operator queries (README.md, "Metrics", lists them all).
 
 Where they are measured:
-- The ingress (`deployments/frontend.py`, shared by HTTP and gRPC, streaming or not): what the user
+- The ingress (`deployments/frontend/core.py`, shared by HTTP and gRPC, streaming or not): what the user
   feels. `GenerationMetrics` follows one generation request (time to first token, inter-token
   latency, end-to-end latency, tokens per request, finish reasons, token counters);
   `record_pooled` one classify/embed/answer request; `count_error` one failed request (called where
@@ -21,7 +21,8 @@ Where they are measured:
   cumulative counts (prefix-cache queries / hits, preemptions) into counter increments.
 
 Recording never raises: a metrics failure is logged once and serving goes on. Without Ray (unit
-tests, the offline engine) the Ray metric objects are no-ops; `set_backend` swaps in a recorder.
+tests, the offline engine) the Ray metric objects are no-ops; `set_backend` swaps in a recorder
+(tests/memory_metrics.py).
 
 Ray limitation worth knowing: Ray's exporter reports a histogram's `_sum` from bucket midpoints,
 so `_sum / _count` is approximate; quantiles (`histogram_quantile` over `_bucket`) and `_count`
@@ -143,34 +144,6 @@ def ray_backend(spec: MetricSpec) -> Any:
         return sm.Gauge(spec.name, description=spec.description, tag_keys=spec.tag_keys)
     return sm.Histogram(spec.name, description=spec.description, boundaries=list(spec.boundaries),
                         tag_keys=spec.tag_keys)
-
-
-class MemoryBackend:
-    """A recorder for tests: `backend.values[name]` lists (value, tags) in call order."""
-
-    def __init__(self):
-        self.values: dict[str, list[tuple[float, dict]]] = collections.defaultdict(list)
-
-    def __call__(self, spec: MetricSpec) -> Any:
-        values = self.values[spec.name]
-
-        class _Metric:
-            def inc(self, value=1.0, tags=None):
-                values.append((value, dict(tags or {})))
-
-            observe = set = inc
-
-        return _Metric()
-
-    def total(self, name: str, **tags) -> float:
-        return sum(v for v, t in self.values.get(name, []) if all(t.get(k) == w for k, w in tags.items()))
-
-    def count(self, name: str, **tags) -> int:
-        return sum(1 for _, t in self.values.get(name, []) if all(t.get(k) == w for k, w in tags.items()))
-
-    def last(self, name: str, **tags) -> float | None:
-        hits = [v for v, t in self.values.get(name, []) if all(t.get(k) == w for k, w in tags.items())]
-        return hits[-1] if hits else None
 
 
 _lock = threading.Lock()

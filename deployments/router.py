@@ -3,10 +3,9 @@
 Serve options (replicas, placement group, user_config) are applied in deployments/app.py; this is a
 plain class so it can also be driven directly in tests. Methods, called through Serve handles:
 
-- `generate(request_id, prompt_token_ids, params)`: async generator (call with
-  `handle.options(stream=True)`) of one plain dict per engine output:
-  `{index, token_ids, logprobs, finish_reason, num_prompt_tokens, num_output_tokens, prompt_logprobs}`
-  (prompt_logprobs: on a choice's first output, when asked for).
+- `generate(request_id, prompt_token_ids, params: SamplingParams)`: async generator (call with
+  `handle.options(stream=True)`) of the engine's `RequestOutput`s, unchanged (typed messages both
+  ways: qwen2_model.engine's dataclasses, no dicts).
   Cancelling the call (client disconnect, deadline) aborts the request in the engine, which frees
   its KV blocks at once.
 - `abort(request_id, index=None)`: stop a request, or one choice of it (stop strings are matched in
@@ -16,8 +15,9 @@ plain class so it can also be driven directly in tests. Methods, called through 
   for company, and a batch holds at most `pooled_max_batch_size` inputs.
 - `info()`, `stats()`, `reconfigure(user_config)` (live knobs), `check_health()` (Serve's probe).
 
-Engine errors leave here as the ServeError subclasses of deployments/errors.py, so the ingress can
-hand them to the client unchanged (Serve re-raises a replica's exception at the caller as a
+The Router imports the engine, the error contract and metrics only (no HTTP, pydantic or protobuf
+in the engine's replica). Engine errors leave here as the ServeError subclasses of
+deployments/errors.py, so the ingress can hand them to the client unchanged (Serve re-raises a replica's exception at the caller as a
 RayTaskError that is also an instance of the original class).
 """
 
@@ -30,6 +30,7 @@ import os
 import time
 from typing import AsyncIterator
 
+from deployments.checkpoints import resolve_model_path
 from deployments.errors import (
     ContextLengthExceededError,
     InvalidRequestError,
@@ -37,8 +38,12 @@ from deployments.errors import (
     ServeError,
     UnavailableError,
 )
-from deployments.frontend import TASK_BY_ARCHITECTURE
 from deployments.metrics import RouterMetrics
+from qwen2_model.engine.engine import (AsyncEngine, Engine, EngineConfig, EngineDead, EngineError, QueueFull,
+                                       RequestOutput)
+from qwen2_model.engine.model_runner import PooledInput
+from qwen2_model.engine.sampling import SamplingLimits, SamplingParams
+from qwen2_model.tasks import GENERATE, can_run
 
 logger = logging.getLogger("ray.serve")
 
@@ -49,8 +54,6 @@ USER_CONFIG_KEYS = ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "po
 
 def map_engine_error(exc: BaseException) -> BaseException:
     """Engine exceptions -> the client-facing error contract; anything else passes through."""
-    from qwen2_model.engine.engine import EngineDead, EngineError, QueueFull
-
     if isinstance(exc, ServeError):
         return exc
     if isinstance(exc, EngineError):
@@ -61,13 +64,6 @@ def map_engine_error(exc: BaseException) -> BaseException:
     if isinstance(exc, EngineDead):
         return UnavailableError(f"The model's workers are not available: {exc}")
     return exc
-
-
-def token_logprob_to_dict(lp) -> dict | None:
-    if lp is None:
-        return None
-    return {"token_id": int(lp.token_id), "logprob": float(lp.logprob),
-            "top": [[int(t), float(v)] for t, v in (lp.top or [])]}
 
 
 @dataclasses.dataclass
@@ -81,10 +77,7 @@ class Router:
     def __init__(self, model_name: str, model_path: str, tp: int = 1, dtype: str | None = None,
                  device: str | None = None, kv_cache_memory: int = 256 << 20, block_size: int = 16,
                  engine: dict | None = None, pooled_batch_wait_ms: float = 5.0, pooled_max_batch_size: int = 32,
-                 torch_threads: int | None = None, gpu_memory_fraction: float = 0.0):
-        from deployments.app import resolve_model_path
-        from qwen2_model.engine.engine import AsyncEngine, Engine, EngineConfig
-
+                 torch_threads: int | None = None, gpu_memory_fraction: float = 0.0, limits: dict | None = None):
         import torch
         # Ray sets OMP_NUM_THREADS to the actor's whole CPUs, or 1 for a fractional num_cpus: left
         # alone, a 0.25-CPU Router would run the model on one core of a many-core machine.
@@ -93,11 +86,8 @@ class Router:
         self.model_path = str(resolve_model_path(model_path))
         device = device or _default_device()
         if tp > 1:
-            try:
-                from deployments.workers import RayExecutor
-            except ImportError as exc:
-                raise RuntimeError(f"model {model_name!r}: tp={tp} needs deployments.workers.RayExecutor, which "
-                                   f"is not available ({exc}); use tp=1") from exc
+            from deployments.workers import RayExecutor  # Ray actors: only loaded when there are ranks to run
+
             executor = RayExecutor(self.model_path, tp=tp, dtype=dtype, device=device,
                                    kv_cache_memory=kv_cache_memory, block_size=block_size,
                                    gpu_memory_fraction=gpu_memory_fraction)
@@ -106,11 +96,15 @@ class Router:
             executor = LocalExecutor(self.model_path, dtype=dtype, device=device,
                                      kv_cache_memory=kv_cache_memory, block_size=block_size,
                                      gpu_memory_fraction=gpu_memory_fraction)
-        known = {f.name for f in dataclasses.fields(EngineConfig)}
+        known = {f.name for f in dataclasses.fields(EngineConfig)} - {"limits"}
         unknown = set(engine or {}) - known
         if unknown:
-            raise ValueError(f"model {model_name!r}: unknown engine options {sorted(unknown)}; known: {sorted(known)}")
-        self.engine = Engine(executor, EngineConfig(**(engine or {})))
+            raise ValueError(f"model {model_name!r}: unknown engine options {sorted(unknown)}; known: {sorted(known)} "
+                             f"(request caps such as max_n go under the application's `limits`)")
+        # The application's one `limits` object: the same caps the ingress checks.
+        sampling_fields = {f.name for f in dataclasses.fields(SamplingLimits)}
+        sampling_limits = SamplingLimits(**{k: v for k, v in (limits or {}).items() if k in sampling_fields})
+        self.engine = Engine(executor, EngineConfig(**(engine or {}), limits=sampling_limits))
         # Prometheus (deployments/metrics.py): step records from the engine, state sampled once a second.
         self.metrics = RouterMetrics(model_name)
         self.engine.step_observers.append(self.metrics.observe_step)
@@ -128,28 +122,13 @@ class Router:
 
     # --- generation ----------------------------------------------------------------------------
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int], params: dict) -> AsyncIterator[dict]:
-        from qwen2_model.engine.sampling import SamplingParams
-
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
         self._check_alive()
-        try:
-            sampling = SamplingParams(**params)
-        except TypeError as exc:
-            raise InvalidRequestError(f"bad sampling parameters: {exc}") from exc
-        stream = self.async_engine.generate(request_id, list(prompt_token_ids), sampling)
+        stream = self.async_engine.generate(request_id, list(prompt_token_ids), params)
         try:
             async for out in stream:
-                yield {
-                    "index": out.index,
-                    "token_ids": list(out.new_token_ids),
-                    "logprobs": None if sampling.logprobs is None
-                    else [token_logprob_to_dict(lp) for lp in out.new_logprobs],
-                    "finish_reason": out.finish_reason,
-                    "num_prompt_tokens": out.num_prompt_tokens,
-                    "num_output_tokens": out.num_output_tokens,
-                    "prompt_logprobs": None if out.prompt_logprobs is None
-                    else [token_logprob_to_dict(lp) for lp in out.prompt_logprobs],
-                }
+                yield out
         except Exception as exc:
             raise map_engine_error(exc) from None
         finally:
@@ -166,8 +145,7 @@ class Router:
                      normalize: bool = True) -> list:
         self._check_alive()
         # A model's own head, or embeddings (every architecture has the decoder); generation streams.
-        own = TASK_BY_ARCHITECTURE.get(self.engine.executor.architecture)
-        if task not in (own, "embed") or task == "generate":
+        if task == GENERATE or not can_run(self.engine.executor.architecture, task):
             raise InvalidRequestError(f"model {self.model_name!r} ({self.engine.executor.architecture}) cannot "
                                       f"run task {task!r}", param="model")
         if not token_ids:
@@ -185,8 +163,6 @@ class Router:
         return await future
 
     async def _pooled_loop(self) -> None:
-        from qwen2_model.engine.model_runner import PooledInput
-
         held: list[_PooledItem] = []  # taken from the queue but of another kind than the batch
         while True:
             first = held.pop(0) if held else await self._pooled_queue.get()
@@ -277,36 +253,37 @@ class Router:
         unknown = set(user_config) - set(USER_CONFIG_KEYS)
         if unknown:
             raise ValueError(f"unknown user_config keys {sorted(unknown)}; known: {list(USER_CONFIG_KEYS)}")
-        # Under the engine lock, so a step never sees half a change.
-        with self.async_engine._lock:
+        def change(engine: Engine) -> None:  # runs between steps (AsyncEngine.reconfigure)
             if "max_num_seqs" in user_config:
                 v = int(user_config["max_num_seqs"])
                 if v < 1:
                     raise ValueError(f"max_num_seqs must be >= 1, got {v}")
-                self.engine.scheduler.config.max_num_seqs = self.engine.config.max_num_seqs = v
+                engine.scheduler.config.max_num_seqs = engine.config.max_num_seqs = v
             if "max_num_batched_tokens" in user_config:
                 v = int(user_config["max_num_batched_tokens"])
                 if v < 1:
                     raise ValueError(f"max_num_batched_tokens must be >= 1, got {v}")
-                self.engine.scheduler.config.max_num_batched_tokens = self.engine.config.max_num_batched_tokens = v
+                engine.scheduler.config.max_num_batched_tokens = engine.config.max_num_batched_tokens = v
             if "max_waiting" in user_config:
                 v = int(user_config["max_waiting"])
                 if v < 0:
                     raise ValueError(f"max_waiting must be >= 0, got {v}")
-                self.engine.config.max_waiting = v
+                engine.config.max_waiting = v
             # Prefill budget while sequences decode (scheduler.py); null turns a cap off.
             if "max_prefill_tokens" in user_config:
                 v = user_config["max_prefill_tokens"]
                 if v is not None and int(v) < 1:
                     raise ValueError(f"max_prefill_tokens must be >= 1 or null, got {v}")
                 v = None if v is None else int(v)
-                self.engine.scheduler.config.max_prefill_tokens = self.engine.config.max_prefill_tokens = v
+                engine.scheduler.config.max_prefill_tokens = engine.config.max_prefill_tokens = v
             if "prefill_step_ratio" in user_config:
                 v = user_config["prefill_step_ratio"]
                 if v is not None and not float(v) > 1.0:
                     raise ValueError(f"prefill_step_ratio must be > 1 or null, got {v}")
                 v = None if v is None else float(v)
-                self.engine.scheduler.config.prefill_step_ratio = self.engine.config.prefill_step_ratio = v
+                engine.scheduler.config.prefill_step_ratio = engine.config.prefill_step_ratio = v
+
+        self.async_engine.reconfigure(change)
         if "pooled_batch_wait_ms" in user_config:
             self.pooled_batch_wait_ms = max(0.0, float(user_config["pooled_batch_wait_ms"]))
         if "pooled_max_batch_size" in user_config:
@@ -317,10 +294,9 @@ class Router:
         self._check_alive()
 
     def _check_alive(self) -> None:
-        if self.async_engine.error is not None:
-            raise UnavailableError(f"model {self.model_name!r}: engine failed: {self.async_engine.error}")
-        if not self.async_engine._thread.is_alive():
-            raise UnavailableError(f"model {self.model_name!r}: engine step loop is not running")
+        if not self.async_engine.alive:
+            why = self.async_engine.error or "the step loop is not running"
+            raise UnavailableError(f"model {self.model_name!r}: engine failed: {why}")
 
     def __del__(self):
         try:

@@ -16,8 +16,9 @@
   ids, never logits). Waiting is a `ray.wait` poll over all ranks' refs: when any rank dies or
   fails, the surviving ranks are stuck in a collective forever, so the whole group is killed and
   the call raises `WorkerDiedError` naming the rank (within a few seconds; the engine turns it
-  into EngineDead for the in-flight requests). `rebuild()` starts a fresh group; build a new
-  Engine over it, since the old KV cache contents (and the prefix cache pointing at them) are gone.
+  into EngineDead for the in-flight requests). A dead group is not restarted in place: under Serve
+  the Router fails its health check and Serve replaces the replica with a new group; elsewhere,
+  build a new RayExecutor (and Engine: the old KV cache contents are gone).
 
 Start-up checks run before any actor exists and name the numbers: tp >= 1, the head split
 (`check_tp_split`: heads, KV heads, intermediate size), and tp against the GPUs / CPUs Ray has.
@@ -105,10 +106,7 @@ class TPWorker:
              gpu_memory_fraction: float = 0.0) -> dict:
         import torch.distributed as dist
 
-        from qwen2_model.engine.executor import kv_blocks_for_budget
-        from qwen2_model.engine.model_runner import ModelRunner
-        from qwen2_model.loading import from_pretrained
-        from qwen2_model.modeling import base_model
+        from qwen2_model.engine.executor import load_runner
         from qwen2_model.parallel import ParallelContext
 
         torch.set_num_threads(max(1, int(num_threads)))
@@ -121,21 +119,19 @@ class TPWorker:
         dist.init_process_group(self.backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
                                 world_size=self.world_size, timeout=timedelta(minutes=10))
         ctx = ParallelContext(self.rank, self.world_size, dist.group.WORLD)
-        self.model = from_pretrained(model_path, dtype=dtype, device=self.device, ctx=ctx, attn_backend=attn_backend)
+
+        def agree(blocks: int) -> int:  # every rank must index the same blocks: the smallest count wins
+            agreed = torch.tensor([blocks], dtype=torch.int64, device=self.device)
+            if self.world_size > 1:
+                dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+            return int(agreed.item())
+
+        self.runner = load_runner(model_path, dtype, self.device, kv_cache_memory, block_size, gpu_memory_fraction,
+                                  attn_backend, ctx=ctx, agree_blocks=agree)
+        self.model = self.runner.model
         self.config = self.model.config
         self.block_size = block_size
-        blocks = 0
-        if type(self.model).__name__ == "Qwen2ForCausalLM":
-            blocks = kv_blocks_for_budget(self.config, kv_cache_memory, block_size, base_model(self.model).dtype,
-                                          tp=self.world_size, device=self.device,
-                                          gpu_memory_fraction=gpu_memory_fraction)
-        # Every rank must index the same blocks: agree on the smallest count.
-        agreed = torch.tensor([blocks], dtype=torch.int64, device=self.device)
-        if self.world_size > 1:
-            dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
-        self.num_kv_blocks = int(agreed.item())
-        self.runner = ModelRunner(self.model, self.config.eos_token_ids, self.num_kv_blocks, block_size,
-                                  is_sampler=(self.rank == 0))
+        self.num_kv_blocks = self.runner.num_kv_blocks
         return self.info()
 
     def execute(self, step: StepInput) -> StepOutput:
@@ -287,7 +283,7 @@ class WorkerGroup:
     def ensure_alive(self) -> None:
         if not self.alive:
             raise WorkerDiedError(f"the tensor-parallel worker group (tp={self.tp}) is shut down after a failure; "
-                                  f"rebuild() it")
+                                  f"start a new executor (under Serve the Router replica is replaced)")
 
     def gather(self, refs: list, timeout_s: float | None = None, what: str = "call", poll_s: float = 0.25) -> list:
         """Wait for every rank's ref. If any rank dies or raises, kill the group and raise WorkerDiedError.
@@ -337,7 +333,7 @@ class WorkerGroup:
         if dead:
             names = ", ".join(str(r) for r in dead)
             msg = (f"tensor-parallel rank {names} of {self.tp} died during {what} "
-                   f"({type(errors[dead[0]]).__name__}); the worker group was shut down: rebuild() it")
+                   f"({type(errors[dead[0]]).__name__}); the worker group was shut down (start a new executor; under Serve the Router replica is replaced)")
             raise WorkerDiedError(msg, dead) from errors[dead[0]]
         rank = min(errors)
         cause = errors[rank]
@@ -488,9 +484,3 @@ class RayExecutor:
         if self.group is not None:
             self.group.shutdown()
             self.group = None
-
-    def rebuild(self) -> "RayExecutor":
-        """Kill what is left of the group and start a fresh one (new actors, empty KV cache)."""
-        self.shutdown()
-        self._start()
-        return self

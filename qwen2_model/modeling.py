@@ -6,7 +6,10 @@ returns: hidden states [B, S, E] (Qwen2Model), logits [B, S, V] (causal LM), [B,
 classification) or start/end logits [B, S] each (question answering).
 
 The serving engine uses `forward_tokens(token_ids [T], positions [T], batch)` instead: flattened
-tokens of many sequences, with an `AttentionBatch` that knows the paged KV cache. The decoder is
+tokens of many sequences, with an `AttentionBatch` that knows the paged KV cache. For the one-shot
+tasks each class owns its pooling: `pooled(input_ids [B, S], attention_mask [B, S]) -> list` gives
+one plain-Python result per row (probabilities, per-token probabilities, start/end logits, or,
+on Qwen2Model, an embedding), which is what the engine ships to the ingress. The decoder is
 tensor-parallel through the layers in parallel.py; with the default `ParallelContext` it is the
 plain single-process model.
 """
@@ -139,14 +142,44 @@ class Qwen2Model(nn.Module):
         hidden = self.forward_tokens(input_ids.reshape(-1), position_ids.reshape(-1), batch)
         return hidden.view(B, S, -1)
 
+    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "last",
+               normalize: bool = True) -> list[list[float]]:
+        """Right-padded batch -> one embedding per row: the last real token's hidden state, or the
+        mean over real tokens; L2-normalized unless asked not to."""
+        hidden = self(input_ids, attention_mask).float()  # [B, S, E]
+        if pooling == "mean":
+            pooled = (hidden * attention_mask[..., None]).sum(1) / attention_mask.sum(1, keepdim=True)
+        elif pooling == "last":
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            pooled = hidden[rows, last_token_index(input_ids, None, attention_mask)]  # [B, E]
+        else:
+            raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")
+        if normalize:
+            pooled = F.normalize(pooled, dim=-1)
+        return pooled.tolist()
 
-class Qwen2ForCausalLM(nn.Module):
+
+class _Qwen2Head(nn.Module):
+    """A decoder (under `base_prefix`, the checkpoints' name for it) plus a head built by `_head`."""
+
     base_prefix = "model"
 
     def __init__(self, config: Qwen2Config, ctx: ParallelContext = SINGLE, dtype=torch.float32, attn_backend="sdpa"):
         super().__init__()
         self.config = config
-        self.model = Qwen2Model(config, ctx, dtype, attn_backend)
+        setattr(self, self.base_prefix, Qwen2Model(config, ctx, dtype, attn_backend))
+        self._head(config, dtype)
+
+    def _head(self, config: Qwen2Config, dtype) -> None:
+        raise NotImplementedError
+
+    @property
+    def decoder(self) -> Qwen2Model:
+        return self._modules[self.base_prefix]
+
+
+class Qwen2ForCausalLM(_Qwen2Head):
+    def _head(self, config: Qwen2Config, dtype) -> None:
         self.lm_head = ParallelLMHead(self.model.embed_tokens, tied=config.tie_word_embeddings, dtype=dtype)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -170,36 +203,38 @@ def last_token_index(input_ids: torch.Tensor, pad_token_id: int | None, attentio
     return (positions * real).argmax(-1)
 
 
-class Qwen2ForSequenceClassification(nn.Module):
-    base_prefix = "model"
-
-    def __init__(self, config: Qwen2Config, ctx: ParallelContext = SINGLE, dtype=torch.float32, attn_backend="sdpa"):
-        super().__init__()
-        self.config = config
-        self.model = Qwen2Model(config, ctx, dtype, attn_backend)
+class Qwen2ForSequenceClassification(_Qwen2Head):
+    def _head(self, config: Qwen2Config, dtype) -> None:
         self.score = ReplicatedLinear(config.hidden_size, config.num_labels, bias=False, dtype=dtype)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
         if self.config.pad_token_id is None and attention_mask is None and input_ids.shape[0] != 1:
             raise ValueError("batches of more than one sequence need pad_token_id in config.json or an attention_mask")
+        return self._logits(input_ids, attention_mask, position_ids, self.config.pad_token_id)
+
+    def _logits(self, input_ids, attention_mask, position_ids, pad_token_id) -> torch.Tensor:
         hidden = self.model(input_ids, attention_mask, position_ids)  # [B, S, E]
-        last = last_token_index(input_ids, self.config.pad_token_id, attention_mask)
+        last = last_token_index(input_ids, pad_token_id, attention_mask)
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # [B, E]
         return self.score(pooled)  # [B, num_labels]
 
+    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[list[float]]:
+        """Label probabilities per row, from the last token the mask keeps (the padding id may be a real token)."""
+        return self._logits(input_ids, attention_mask, None, None).float().softmax(-1).tolist()
 
-class Qwen2ForTokenClassification(nn.Module):
-    base_prefix = "model"
 
-    def __init__(self, config: Qwen2Config, ctx: ParallelContext = SINGLE, dtype=torch.float32, attn_backend="sdpa"):
-        super().__init__()
-        self.config = config
-        self.model = Qwen2Model(config, ctx, dtype, attn_backend)
+class Qwen2ForTokenClassification(_Qwen2Head):
+    def _head(self, config: Qwen2Config, dtype) -> None:
         bias = config.extra.get("token_classification_bias", True)
         self.score = ReplicatedLinear(config.hidden_size, config.num_labels, bias=bias, dtype=dtype)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
         return self.score(self.model(input_ids, attention_mask, position_ids))  # [B, S, num_labels]
+
+    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[list[list[float]]]:
+        """Label probabilities of every real token of every row."""
+        probs = self(input_ids, attention_mask).float().softmax(-1)  # [B, S, C]
+        return [probs[i, :n].tolist() for i, n in enumerate(attention_mask.sum(1).tolist())]
 
 
 class QAOutput(NamedTuple):
@@ -207,13 +242,10 @@ class QAOutput(NamedTuple):
     end_logits: torch.Tensor  # [B, S]
 
 
-class Qwen2ForQuestionAnswering(nn.Module):
+class Qwen2ForQuestionAnswering(_Qwen2Head):
     base_prefix = "transformer"  # Qwen2 QA checkpoints name the decoder `transformer.`
 
-    def __init__(self, config: Qwen2Config, ctx: ParallelContext = SINGLE, dtype=torch.float32, attn_backend="sdpa"):
-        super().__init__()
-        self.config = config
-        self.transformer = Qwen2Model(config, ctx, dtype, attn_backend)
+    def _head(self, config: Qwen2Config, dtype) -> None:
         self.qa_outputs = ReplicatedLinear(config.hidden_size, 2, bias=True, dtype=dtype)
 
     @property
@@ -224,6 +256,12 @@ class Qwen2ForQuestionAnswering(nn.Module):
         logits = self.qa_outputs(self.transformer(input_ids, attention_mask, position_ids))  # [B, S, 2]
         start, end = logits.unbind(-1)
         return QAOutput(start.contiguous(), end.contiguous())
+
+    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[tuple[list[float], list[float]]]:
+        """(start logits, end logits) over every real token of every row."""
+        out = self(input_ids, attention_mask)
+        return [(out.start_logits[i, :n].float().tolist(), out.end_logits[i, :n].float().tolist())
+                for i, n in enumerate(attention_mask.sum(1).tolist())]
 
 
 MODEL_CLASSES: dict[str, type[nn.Module]] = {
@@ -237,4 +275,4 @@ MODEL_CLASSES: dict[str, type[nn.Module]] = {
 
 def base_model(model: nn.Module) -> Qwen2Model:
     """The decoder inside any of the classes (for embeddings and the engine)."""
-    return model if isinstance(model, Qwen2Model) else model.model
+    return model if isinstance(model, Qwen2Model) else model.decoder

@@ -70,13 +70,6 @@ def _check_shape(name: str, got: tuple[int, ...], expected: tuple[int, ...]) -> 
         raise ShapeMismatch(f"{name}: checkpoint shape {list(got)} does not match the model's {list(expected)}")
 
 
-class LoadableMixin:
-    """Tracks which shards of a layer's parameters were loaded, so a half-loaded model is caught."""
-
-    def expected_shards(self) -> set[tuple[str, str | None]]:  # (param name, shard id)
-        raise NotImplementedError
-
-
 class ReplicatedLinear(nn.Linear):
     """A small linear kept whole on every rank (classification heads)."""
 

@@ -24,7 +24,8 @@ from typing import Callable
 from .executor import Executor
 from .block_manager import BlockManager
 from .model_runner import PooledInput, SeqStep, StepInput
-from .sampling import SamplingParams, TokenLogprob
+from ..tasks import is_generative
+from .sampling import DEFAULT_SAMPLING_LIMITS, SamplingLimits, SamplingParams, TokenLogprob
 from .scheduler import ScheduledSeq, Scheduler, SchedulerConfig, Sequence, Status
 
 
@@ -55,8 +56,8 @@ class EngineConfig:
     prefill_step_ratio: float | None = 2.0
     max_waiting: int = 1024  # queued requests beyond this are refused (429)
     enable_prefix_caching: bool = True
-    max_n: int = 16
-    max_logprobs: int = 20
+    # What one request may ask for (n, max_tokens, logprobs, ...): the ingress checks the same object.
+    limits: SamplingLimits = DEFAULT_SAMPLING_LIMITS
     # Pooled (classify / embed / QA) forwards are padded batches: cap their size in padded tokens.
     max_pooled_batch_tokens: int = 16384
     # LoRA: adapter slots on the model (distinct adapters in one step; LRU-evicted when not used by a
@@ -75,6 +76,13 @@ class LoraRef:
     def salt(self) -> bytes:
         """The root of its sequences' prefix-cache hash chain (a base-model chain starts from b"")."""
         return hashlib.sha256(f"lora\0{self.name}\0{self.path}".encode()).digest()
+
+
+def context_length(config: EngineConfig, model_config) -> int:
+    """The served context length: `max_model_len` if set (refused when over what the RoPE scaling
+    supports), else the model's (max_position_embeddings x rope scaling). The one place it is
+    computed: the engine and the ingress (deployments/checkpoints.py) both call this."""
+    return int(model_config.check_max_model_len(config.max_model_len))
 
 
 @dataclass
@@ -138,10 +146,10 @@ class Engine:
         self.config = config or EngineConfig()
         model_config = executor.config
         # The context the RoPE scaling supports (YaRN: original x factor); a larger max_model_len is refused.
-        self.max_model_len = model_config.check_max_model_len(self.config.max_model_len)
+        self.max_model_len = context_length(self.config, model_config)
         self.eos_token_ids = model_config.eos_token_ids
         self.vocab_size = model_config.vocab_size
-        self.generative = executor.architecture == "Qwen2ForCausalLM"
+        self.generative = is_generative(executor.architecture)
         # Structured output: the executor's GrammarBackend (None: the model has no tokenizer for it).
         self.grammar = getattr(executor, "grammar", None)
         self.blocks = BlockManager(max(executor.num_kv_blocks, 1), executor.block_size,
@@ -165,28 +173,25 @@ class Engine:
 
     # --- requests ------------------------------------------------------------------------------
 
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def _check_ids(self, ids, param: str, what: str) -> None:
+        bad = [t for t in ids if not (0 <= t < self.vocab_size)]
+        if bad:  # the model (and the sampler's indexing) would read another row
+            raise EngineError(f"{what} {bad[0]} is outside the vocabulary [0, {self.vocab_size})", param=param)
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> SamplingParams:
+        """Check a request; returns the params to run (max_tokens None -> the rest of the context)."""
         if not self.generative:
             raise EngineError(f"this model is a {self.executor.architecture}, not a causal LM: it cannot generate",
                               param="model")
         try:
-            params.validate(max_n=self.config.max_n, max_logprobs=self.config.max_logprobs)
+            params.validate(self.config.limits)
         except ValueError as exc:
             raise EngineError(str(exc), param=getattr(exc, "param", None)) from exc
         if not prompt_token_ids:
             raise EngineError("prompt must contain at least one token", param="prompt")
-        bad = [t for t in prompt_token_ids if not (0 <= t < self.vocab_size)]
-        if bad:
-            raise EngineError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})",
-                              param="prompt")
-        bad = [t for t in params.stop_token_ids if not (0 <= t < self.vocab_size)]
-        if bad:  # the sampler indexes logits with them: an id past the vocabulary would hit another row
-            raise EngineError(f"stop_token_ids: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})",
-                              param="stop_token_ids")
-        bad = [t for t in params.logit_bias if not (0 <= t < self.vocab_size)]
-        if bad:
-            raise EngineError(f"logit_bias: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})",
-                              param="logit_bias")
+        self._check_ids(prompt_token_ids, "prompt", "prompt token id")
+        self._check_ids(params.stop_token_ids, "stop_token_ids", "stop_token_ids: token id")
+        self._check_ids(params.logit_bias, "logit_bias", "logit_bias: token id")
         if params.structured is not None:
             if self.grammar is None:
                 raise EngineError("structured output is not available for this model (no tokenizer for it)",
@@ -196,15 +201,24 @@ class Engine:
                 self.grammar.validate(params.structured)
             except StructuredOutputError as exc:
                 raise EngineError(f"structured_outputs: {exc}", param="structured_outputs") from exc
-        total = len(prompt_token_ids) + params.max_tokens
-        if total > self.max_model_len:
-            raise EngineError(f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) = "
-                              f"{total} is over the model's context length {self.max_model_len}",
+        prompt, limit = len(prompt_token_ids), self.max_model_len
+        if prompt >= limit:
+            raise EngineError(f"This model's maximum context length is {limit} tokens, but the prompt has {prompt} "
+                              f"tokens, leaving no room to generate. Please shorten the prompt.",
+                              param="prompt", code="context_length_exceeded")
+        if params.max_tokens is None:
+            params = dataclasses.replace(params, max_tokens=limit - prompt)
+        total = prompt + params.max_tokens
+        if total > limit:
+            raise EngineError(f"This model's maximum context length is {limit} tokens. However, you requested "
+                              f"{total} tokens ({prompt} in the prompt, {params.max_tokens} for the completion). "
+                              f"Please reduce the prompt or max_tokens.",
                               param="max_tokens", code="context_length_exceeded")
         if self.blocks.blocks_needed(total) > self.blocks.num_blocks:
             raise EngineError(f"prompt + max_tokens = {total} tokens needs more KV cache than the whole cache holds "
                               f"({self.blocks.num_blocks * self.blocks.block_size} tokens)", param="max_tokens",
                               code="context_length_exceeded")
+        return params
 
     # --- LoRA adapters ------------------------------------------------------------------------
 
@@ -282,7 +296,7 @@ class Engine:
                     lora: str | None = None) -> None:
         if request_id in self.requests:
             raise EngineError(f"request id {request_id!r} is already in use", param="request_id")
-        self.validate(prompt_token_ids, params)
+        params = self.validate(prompt_token_ids, params)
         lora_ref = self.lora_ref(lora)
         if len(self.scheduler.waiting) >= self.config.max_waiting:
             raise QueueFull(f"the queue is full ({self.config.max_waiting} waiting requests)")
@@ -432,10 +446,7 @@ class Engine:
             if len(ids) > self.max_model_len:
                 raise EngineError(f"input of {len(ids)} tokens is over the model's context length "
                                   f"{self.max_model_len}", param="input", code="context_length_exceeded")
-            bad = [t for t in ids if not (0 <= t < self.vocab_size)]
-            if bad:
-                raise EngineError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})",
-                                  param="input")
+            self._check_ids(ids, "input", "token id")
 
     def run_pooled(self, req: PooledInput) -> list:
         """One padded forward per sub-batch of at most `max_pooled_batch_tokens` padded tokens
@@ -547,7 +558,7 @@ class AsyncEngine:
             raise EngineDead(f"the engine failed earlier: {self.error}")
         if request_id in self._streams or request_id in self.engine.requests:
             raise EngineError(f"request id {request_id!r} is already in use", param="request_id")
-        self.engine.validate(prompt_token_ids, params)  # static checks: no lock needed
+        params = self.engine.validate(prompt_token_ids, params)  # static checks: no lock needed
         self.engine.lora_ref(lora)  # unknown adapter: refused now
         if len(self.engine.scheduler.waiting) + self._pending_adds >= self.engine.config.max_waiting:
             raise QueueFull(f"the queue is full ({self.engine.config.max_waiting} waiting requests)")
@@ -596,6 +607,16 @@ class AsyncEngine:
 
     def remove_lora(self, name: str, ref: LoraRef | None = None) -> None:
         self.engine.remove_lora(name, ref)
+
+    @property
+    def alive(self) -> bool:
+        """The step loop runs and no step has failed."""
+        return self.error is None and self._thread.is_alive()
+
+    def reconfigure(self, change: Callable[[Engine], None]) -> None:
+        """Apply `change(engine)` between steps, so a step never sees half a change."""
+        with self._lock:
+            change(self.engine)
 
     async def run_pooled(self, req: PooledInput) -> list:
         def run():

@@ -1,19 +1,23 @@
 """The Executor interface between the engine and wherever the model runs, and the in-process one.
 
 The engine calls `execute(StepInput) -> StepOutput` once per step and `run_pooled` for the one-shot
-heads. `LocalExecutor` runs a ModelRunner in this process (tp=1); the Ray worker group in
-deployments/workers.py implements the same methods over tensor-parallel actors.
+heads. `load_runner` is the one place a model is built for serving (weights, KV-cache size,
+runner); `LocalExecutor` runs one in this process (tp=1), and each tensor-parallel Ray worker in
+deployments/workers.py builds its rank's share with the same function.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
 from ..config import Qwen2Config
 from ..loading import from_pretrained
+from ..modeling import base_model
+from ..parallel import SINGLE, ParallelContext
+from ..tasks import is_generative
 from .paged_attention import PagedKVCache
 from .model_runner import ModelRunner, PooledInput, StepInput, StepOutput
 from .structured_output import GrammarBackend
@@ -51,6 +55,33 @@ def kv_blocks_for_budget(config: Qwen2Config, kv_cache_memory: int, block_size: 
     return int(blocks)
 
 
+def load_runner(model_path: str | Path, dtype: str | None = None, device: str | torch.device = "cpu",
+                kv_cache_memory: int = 256 << 20, block_size: int = 16, gpu_memory_fraction: float = 0.0,
+                attn_backend: str | None = None, ctx: ParallelContext = SINGLE,
+                agree_blocks: Callable[[int], int] | None = None,
+                tokenizer_path: str | Path | None = None, **load_options) -> ModelRunner:
+    """Load the checkpoint (this rank's share under `ctx`), size its KV cache and build its runner.
+
+    Only a causal LM gets KV blocks (and, with `tokenizer_path`, structured output). `agree_blocks`
+    lets tensor-parallel ranks settle on one count (every rank must index the same blocks: the
+    smallest wins). Rank 0 is the sampling rank. `load_options`: the rest of loading.from_pretrained's
+    (quantization, hf_overrides, quant_kernel).
+    """
+    model = from_pretrained(model_path, dtype=dtype, device=device, ctx=ctx, attn_backend=attn_backend,
+                            **load_options)
+    blocks, grammar = 0, None
+    if is_generative(type(model).__name__):
+        blocks = kv_blocks_for_budget(model.config, kv_cache_memory, block_size, base_model(model).dtype,
+                                      ctx.world_size, device, gpu_memory_fraction)
+        if tokenizer_path is not None:
+            grammar = GrammarBackend.from_pretrained(tokenizer_path, model.config.vocab_size,
+                                                     model.config.eos_token_ids)
+    if agree_blocks is not None:
+        blocks = agree_blocks(blocks)
+    return ModelRunner(model, model.config.eos_token_ids, blocks, block_size, is_sampler=(ctx.rank == 0),
+                       grammar=grammar)
+
+
 class LocalExecutor:
     """The whole model in this process. dtype None or "auto": the fast dtype for this hardware (hardware.py)."""
 
@@ -60,22 +91,16 @@ class LocalExecutor:
                  quantization: str | None = None, hf_overrides: dict | None = None, quant_kernel: str = "auto"):
         """`tokenizer_path`: the checkpoint's tokenizer, for structured output (None: no structured output).
         `quantization` ("int8"), `hf_overrides` (config.json fields), `quant_kernel`: see loading.from_pretrained."""
-        self.model = from_pretrained(model_path, dtype=dtype or "auto", device=device, attn_backend=attn_backend,
-                                     quantization=quantization, hf_overrides=hf_overrides, quant_kernel=quant_kernel)
+        self.runner = load_runner(model_path, dtype or "auto", device, kv_cache_memory, block_size,
+                                  gpu_memory_fraction, attn_backend, tokenizer_path=tokenizer_path,
+                                  quantization=quantization, hf_overrides=hf_overrides, quant_kernel=quant_kernel)
+        self.model = self.runner.model
         self.dtype_choice = self.model.dtype_choice  # compute dtype and why (shown in /v1/models)
         self.config = self.model.config
         self.architecture = type(self.model).__name__
         self.block_size = block_size
-        self.num_kv_blocks = 0
-        if self.architecture == "Qwen2ForCausalLM":
-            self.num_kv_blocks = kv_blocks_for_budget(self.config, kv_cache_memory, block_size,
-                                                      self.model.model.dtype, 1, device, gpu_memory_fraction)
-        self.grammar = None
-        if tokenizer_path is not None and self.architecture == "Qwen2ForCausalLM":
-            self.grammar = GrammarBackend.from_pretrained(tokenizer_path, self.config.vocab_size,
-                                                          self.config.eos_token_ids)
-        self.runner = ModelRunner(self.model, self.config.eos_token_ids, self.num_kv_blocks, block_size,
-                                  grammar=self.grammar)
+        self.num_kv_blocks = self.runner.num_kv_blocks
+        self.grammar = self.runner.grammar_backend
 
     def execute(self, step: StepInput) -> StepOutput:
         return self.runner.execute(step)

@@ -13,9 +13,9 @@ import contextlib
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-from ..modeling import Qwen2ForCausalLM, Qwen2ForQuestionAnswering, base_model, last_token_index
+from ..modeling import Qwen2ForCausalLM, base_model
+from ..tasks import EMBED, task_of
 from .paged_attention import PagedAttentionBatch, PagedKVCache, SeqSlice
 from .sampling import Sampler, SamplingParams, SequenceSamplingState, TokenLogprob, make_generator, token_logprobs
 from .structured_output import GrammarBackend, GrammarBatch
@@ -75,7 +75,9 @@ class ModelRunner:
         self.sampler = Sampler()
         self.generators: dict[int, torch.Generator] = {}
         # Structured output, on the sampling rank: per-sequence matchers and the mask pool.
+        self.grammar_backend = grammar
         self.grammars = GrammarBatch(grammar) if grammar is not None and is_sampler else None
+        self.num_kv_blocks = num_kv_blocks
         self.cache = None
         self.lora = None  # LoraSlots, made on the first load_lora
         if num_kv_blocks and isinstance(model, Qwen2ForCausalLM):
@@ -169,34 +171,15 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run_pooled(self, req: PooledInput) -> list:
-        """Right-padded batch -> per-input results as plain lists (small: labels, spans, vectors)."""
+        """Right-padded batch -> per-input results as plain lists (the head's own `pooled`)."""
         lengths = [len(ids) for ids in req.token_ids]
-        S = max(lengths)
-        ids = torch.zeros(len(lengths), S, dtype=torch.long, device=self.device)
+        ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long, device=self.device)  # [B, S]
         mask = torch.zeros_like(ids)
         for i, row in enumerate(req.token_ids):
             ids[i, :len(row)] = torch.tensor(row)
             mask[i, :len(row)] = 1
-        if req.task == "embed":
-            hidden = self.decoder(ids, mask).float()  # [B, S, E]
-            if req.pooling == "mean":
-                pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-            else:
-                pooled = hidden[torch.arange(len(lengths)), torch.tensor(lengths) - 1]
-            if req.normalize:
-                pooled = F.normalize(pooled, dim=-1)
-            return pooled.tolist()
-        if req.task == "classify":
-            hidden = self.decoder(ids, mask)
-            last = last_token_index(ids, None, mask)
-            logits = self.model.score(hidden[torch.arange(len(lengths)), last]).float()  # [B, C]
-            return logits.softmax(-1).tolist()
-        if req.task == "classify_tokens":
-            probs = self.model(ids, mask).float().softmax(-1)  # [B, S, C]
-            return [probs[i, :n].tolist() for i, n in enumerate(lengths)]
-        if req.task == "answer":
-            assert isinstance(self.model, Qwen2ForQuestionAnswering)
-            out = self.model(ids, mask)
-            return [(out.start_logits[i, :n].float().tolist(), out.end_logits[i, :n].float().tolist())
-                    for i, n in enumerate(lengths)]
-        raise ValueError(f"unknown pooled task {req.task!r}")
+        if req.task == EMBED:  # every head sits on the decoder
+            return self.decoder.pooled(ids, mask, pooling=req.pooling, normalize=req.normalize)
+        if req.task != task_of(type(self.model).__name__):
+            raise ValueError(f"a {type(self.model).__name__} cannot run the pooled task {req.task!r}")
+        return self.model.pooled(ids, mask)

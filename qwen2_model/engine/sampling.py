@@ -1,8 +1,9 @@
 """Sampling parameters and the batched sampler.
 
-`SamplingParams` is the per-request knob set (vLLM / OpenAI names and ranges); `validate()` raises
-`SamplingParamsError` (a ValueError) whose message starts with the offending field name, so the
-ingress can fill the error body's `param`.
+`SamplingParams` is the per-request knob set (vLLM / OpenAI names, defaults and ranges: the one
+source of these rules for HTTP, gRPC and the engine); `validate(limits)` raises `SamplingParamsError`
+(a ValueError) whose message starts with the offending field name, so the ingress can fill the
+error body's `param`. `SamplingLimits` caps what a request may ask for.
 
 `Sampler` turns one step's logits `[B, V]` into one token per row. Order of processing, as in vLLM:
 
@@ -45,6 +46,7 @@ class SamplingParamsError(ValueError):
     def __init__(self, param: str, message: str) -> None:
         super().__init__(f"{param} {message}")
         self.param = param
+        self.reason = message  # the message without the field name
 
 
 def _is_int(v: object) -> bool:
@@ -55,10 +57,28 @@ def _is_number(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+@dataclass(frozen=True)
+class SamplingLimits:
+    """Caps on what one request may ask for. One object configures the ingress and the engine
+    (deployments' `Limits` extends it), so the two cannot disagree."""
+
+    max_n: int = 16
+    max_tokens: int = 32768  # per request; the context length is checked by the engine
+    max_logprobs: int = 20  # logprobs / prompt_logprobs top-k (vLLM's cap)
+    max_stop_token_ids: int = 64
+    max_logit_bias: int = 1024  # entries of logit_bias
+
+
+DEFAULT_SAMPLING_LIMITS = SamplingLimits()
+
+
 @dataclass
 class SamplingParams:
+    """One request's sampling knobs: the defaults here are the server's defaults (HTTP and gRPC fill
+    only what the client set), and `validate` is the one place their ranges are checked."""
+
     n: int = 1
-    max_tokens: int = 16
+    max_tokens: int | None = 16  # None: the rest of the context (the engine resolves it)
     min_tokens: int = 0
     temperature: float = 1.0  # 0 -> greedy
     top_k: int = 0  # 0 or -1: disabled
@@ -78,51 +98,54 @@ class SamplingParams:
     # Structured output (structured_output.StructuredOutput): the grammar the output must match.
     structured: object | None = None
 
-    def validate(self, max_n: int = 16, max_logprobs: int = 20) -> None:
-        """Raise SamplingParamsError (message starts with the field name) on the first bad field."""
+    def validate(self, limits: SamplingLimits = DEFAULT_SAMPLING_LIMITS) -> None:
+        """Raise SamplingParamsError (message starts with the field name) on the first bad field.
+
+        Token ids are checked against the vocabulary by the engine, which knows it."""
         def bad(name: str, msg: str) -> None:
             raise SamplingParamsError(name, msg)
 
-        if not _is_int(self.n) or not 1 <= self.n <= max_n:
-            bad("n", f"must be an integer in [1, {max_n}], got {self.n!r}")
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            bad("max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
+        if not _is_int(self.n) or not 1 <= self.n <= limits.max_n:
+            bad("n", f"must be between 1 and {limits.max_n}, got {self.n!r}")
+        if self.max_tokens is not None and (not _is_int(self.max_tokens)
+                                            or not 1 <= self.max_tokens <= limits.max_tokens):
+            bad("max_tokens", f"must be between 1 and {limits.max_tokens}, got {self.max_tokens!r}")
         if not _is_int(self.min_tokens) or self.min_tokens < 0:
-            bad("min_tokens", f"must be an integer >= 0, got {self.min_tokens!r}")
-        if self.min_tokens > self.max_tokens:
-            bad("min_tokens", f"must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}")
+            bad("min_tokens", f"must be at least 0, got {self.min_tokens!r}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            bad("min_tokens", f"must not exceed max_tokens ({self.max_tokens}), got {self.min_tokens}")
         if not _is_number(self.temperature) or self.temperature < 0:
             bad("temperature", f"must be >= 0, got {self.temperature!r}")
         if not _is_int(self.top_k) or self.top_k < -1:
-            bad("top_k", f"must be an integer >= -1 (0 or -1 disables), got {self.top_k!r}")
+            bad("top_k", f"must be -1, 0 (disabled) or positive, got {self.top_k!r}")
         if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             bad("top_p", f"must be in (0, 1], got {self.top_p!r}")
         if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
             bad("min_p", f"must be in [0, 1], got {self.min_p!r}")
         if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
-            bad("repetition_penalty", f"must be > 0, got {self.repetition_penalty!r}")
+            bad("repetition_penalty", f"must be greater than 0, got {self.repetition_penalty!r}")
         if not _is_number(self.presence_penalty) or not -2 <= self.presence_penalty <= 2:
             bad("presence_penalty", f"must be in [-2, 2], got {self.presence_penalty!r}")
         if not _is_number(self.frequency_penalty) or not -2 <= self.frequency_penalty <= 2:
             bad("frequency_penalty", f"must be in [-2, 2], got {self.frequency_penalty!r}")
-        if self.seed is not None and not _is_int(self.seed):
-            bad("seed", f"must be an integer or null, got {self.seed!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not -(2**63) <= self.seed < 2**63):
+            bad("seed", f"must be a signed 64-bit integer or null, got {self.seed!r}")
         if not isinstance(self.stop_token_ids, (list, tuple)) or not all(
             _is_int(t) and t >= 0 for t in self.stop_token_ids
         ):
             bad("stop_token_ids", f"must be a list of non-negative integers, got {self.stop_token_ids!r}")
+        if len(self.stop_token_ids) > limits.max_stop_token_ids:
+            bad("stop_token_ids", f"at most {limits.max_stop_token_ids} ids, got {len(self.stop_token_ids)}")
         if not isinstance(self.ignore_eos, bool):
             bad("ignore_eos", f"must be a boolean, got {self.ignore_eos!r}")
-        if self.logprobs is not None and (
-            not _is_int(self.logprobs) or not 0 <= self.logprobs <= max_logprobs
-        ):
-            bad("logprobs", f"must be an integer in [0, {max_logprobs}] or null, got {self.logprobs!r}")
-        if self.prompt_logprobs is not None and (
-            not _is_int(self.prompt_logprobs) or not 0 <= self.prompt_logprobs <= max_logprobs
-        ):
-            bad("prompt_logprobs", f"must be an integer in [0, {max_logprobs}] or null, got {self.prompt_logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or not 0 <= value <= limits.max_logprobs):
+                bad(name, f"must be between 0 and {limits.max_logprobs} or null, got {value!r}")
         if not isinstance(self.logit_bias, dict):
             bad("logit_bias", f"must map token ids to numbers, got {self.logit_bias!r}")
+        if len(self.logit_bias) > limits.max_logit_bias:
+            bad("logit_bias", f"at most {limits.max_logit_bias} entries, got {len(self.logit_bias)}")
         for token, bias in self.logit_bias.items():
             if not _is_int(token) or token < 0:
                 bad("logit_bias", f"keys must be non-negative token ids, got {token!r}")

@@ -19,7 +19,7 @@ import pytest
 API_KEY = "test-key-0123"
 APP_NAME = "qwen2"
 GRPC_SERVICERS = [
-    "deployments.grpc_raw.add_Qwen2ServeServicer_to_server",  # raw request bytes: undecodable -> INVALID_ARGUMENT
+    "deployments.grpc_api.raw.add_Qwen2ServeServicer_to_server",  # raw request bytes: undecodable -> INVALID_ARGUMENT
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",  # standard grpc.health.v1 Check
 ]
 
@@ -70,7 +70,8 @@ def serve_app(tmp_path_factory):
 
     home = tmp_path_factory.mktemp("qwen2-serve-home")
     os.environ["QWEN2_SERVE_HOME"] = str(home)
-    from deployments.app import build_app, demo_checkpoint
+    from deployments.app import build_app
+    from deployments.checkpoints import demo_checkpoint
 
     names = {"generate": "qwen2-demo", "classify": "qwen2-demo-classifier", "ner": "qwen2-demo-ner",
              "qa": "qwen2-demo-qa"}

@@ -24,7 +24,7 @@ import pytest
 
 from deployments import client_cli
 from deployments.client import ClientError, Qwen2ServeClient
-from deployments.frontend import QUEUE_FULL_HOLD_S
+from deployments.frontend.core import QUEUE_FULL_HOLD_S
 from protos.qwen2_serve.v1 import qwen2_serve_pb2 as pb
 from protos.qwen2_serve.v1 import qwen2_serve_pb2_grpc as pb_grpc
 

@@ -12,7 +12,7 @@ Classes, HTTP and gRPC alike (the shared e2e app, real clients, real model):
 - `x-request-timeout` parsed strictly (`1_0`, `inf`, `nan`, `1e400` are refused; HTTP's optional
   whitespace around " 5 " is not part of the value and is accepted, as RFC 9110 says);
 - gRPC request bytes that do not decode as the message: INVALID_ARGUMENT from the ingress, not
-  UNKNOWN from Serve's proxy (deployments/grpc_raw.py hands us the raw bytes).
+  UNKNOWN from Serve's proxy (deployments/grpc_api/raw.py hands us the raw bytes).
 After each class the service still answers a valid request.
 """
 

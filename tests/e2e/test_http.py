@@ -10,7 +10,7 @@ import openai
 import pytest
 import torch
 
-from deployments.frontend import QUEUE_FULL_HOLD_S
+from deployments.frontend.core import QUEUE_FULL_HOLD_S
 
 pytestmark = pytest.mark.slow
 

@@ -9,10 +9,11 @@ import math
 
 import pytest
 
-from deployments.errors import InvalidRequestError
-from deployments.grpc_ingress import decode_request
-from deployments.http_ingress import screen_json_body
-from deployments.protocol import DEFAULT_LIMITS, check_json_value, finite_logprob, parse_request_timeout
+from deployments.errors import InvalidRequestError, QueueFullError
+from deployments.frontend.requests import DEFAULT_LIMITS, check_json_value, finite_logprob, parse_request_timeout
+from deployments.grpc_api.convert import decode_request
+from deployments.http_api.app import screen_json_body
+from tests.scripted_router import ScriptedRouter
 from protos.qwen2_serve.v1 import qwen2_serve_pb2 as pb
 
 
@@ -84,7 +85,7 @@ def test_decode_request_turns_bad_bytes_into_invalid_argument():
 
 
 def test_raw_servicer_registers_every_rpc_without_a_deserializer():
-    from deployments.grpc_raw import add_Qwen2ServeServicer_to_server
+    from deployments.grpc_api.raw import add_Qwen2ServeServicer_to_server
 
     class Server:
         def add_generic_rpc_handlers(self, handlers):
@@ -107,47 +108,44 @@ def test_raw_servicer_registers_every_rpc_without_a_deserializer():
 
 # --- admission view: a full queue is refused at the ingress ----------------------------------------------------
 
-class FullThenFreeRouter:
+class FullThenFreeRouter(ScriptedRouter):
     """A Router handle that answers "queue full" until `free` is set, and counts the calls it got."""
 
     def __init__(self):
+        super().__init__([5], "length")
         self.calls, self.free = 0, False
-        self.generate, self.abort = self, self
+        scripted = self.generate.remote
 
-    def options(self, stream: bool = False):
-        return self
-
-    def remote(self, request_id, prompt_ids=None, params=None):
-        if prompt_ids is None:
-            return None
-        self.calls += 1
-        return self._outputs()
-
-    async def _outputs(self):
-        from deployments.errors import QueueFullError
-
-        if not self.free:
+        async def full():  # as a Serve handle: the error comes with the stream's first item
             raise QueueFullError("The server is busy (the queue is full); retry later")
-        yield {"index": 0, "token_ids": [5], "finish_reason": "length", "num_output_tokens": 1, "logprobs": None}
+            yield
+
+        def generate(request_id, prompt_ids, params):
+            self.calls += 1
+            return scripted(request_id, prompt_ids, params) if self.free else full()
+
+        self.generate.remote = generate
 
 
 def test_a_full_queue_is_refused_at_the_ingress_without_calling_the_router(qwen_tokenizer_dir, monkeypatch):
     import asyncio
     import time
 
-    from deployments import frontend as fe_mod
-    from deployments.errors import QueueFullError
-    from deployments.frontend import Frontend, ModelEntry
+    from deployments.frontend import core as fe_mod
+    from deployments.frontend.core import Frontend, ModelEntry
+    from deployments.frontend.requests import GenerationOptions
+    from qwen2_model.engine.sampling import SamplingParams
     from qwen2_model.tokenizer import Qwen2Tokenizer
 
     monkeypatch.setattr(fe_mod, "QUEUE_FULL_HOLD_S", 60.0)  # longer than this test's first call (metrics warm-up)
     router = FullThenFreeRouter()
-    fe = Frontend([ModelEntry("m", path="", task="generate", tokenizer=Qwen2Tokenizer.from_pretrained(qwen_tokenizer_dir),
-                              router=router, max_model_len=64)])
-    sampling = {"n": 1, "max_tokens": 1, "stop": []}
+    fe = Frontend([ModelEntry("m", path="", architecture="Qwen2ForCausalLM", task="generate",
+                              tokenizer=Qwen2Tokenizer.from_pretrained(qwen_tokenizer_dir), router=router,
+                              max_model_len=64)])
+    entry = fe.resolve("m")
 
     async def generate():
-        return await fe.generate("m", [1, 2], sampling)
+        return await fe.generate(entry, [1, 2], GenerationOptions(SamplingParams(max_tokens=1)))
 
     for _ in range(3):
         with pytest.raises(QueueFullError) as info:

@@ -1,13 +1,13 @@
-"""Request fields -> StructuredOutput (deployments/structured.py), the reasoning splitter
-(deployments/reasoning.py) and generation_config.json defaults (qwen2_model/generation_config.py)."""
+"""Request fields -> StructuredOutput (deployments/frontend/structured.py), the reasoning splitter
+(deployments/frontend/reasoning.py) and generation_config.json defaults (qwen2_model/generation_config.py)."""
 
 import json
 import random
 
 import pytest
 
-from deployments.reasoning import ReasoningSplitter, split_reasoning
-from deployments.structured import StructuredFieldError, structured_from_fields, tool_call_spec
+from deployments.frontend.reasoning import ReasoningSplitter, split_reasoning
+from deployments.frontend.structured import StructuredFieldError, structured_from_fields, tool_call_spec
 from qwen2_model.config import Qwen2Config
 from qwen2_model.generation_config import GenerationConfigError, parse_generation_config, read_generation_config
 

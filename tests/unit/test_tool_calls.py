@@ -1,4 +1,4 @@
-"""Tool calls: deployments/tool_calls.py's splitter, and `tool_calls` answers of the chat route.
+"""Tool calls: deployments/frontend/tool_calls.py's splitter, and `tool_calls` answers of the chat route.
 
 The route runs in FastAPI over the real Frontend (detokenizer, stop strings, tool-call splitting) and
 the real Qwen vocabulary; only the Router is scripted: it "generates" the tokens of a fixed answer,
@@ -17,9 +17,10 @@ import httpx
 import openai
 import pytest
 
-from deployments import http_ingress
-from deployments.frontend import Frontend, ModelEntry
-from deployments.tool_calls import ParsedToolCall, ToolCallSplitter, finish_reason_with_calls
+from deployments.frontend.core import Frontend, ModelEntry
+from deployments.frontend.tool_calls import ParsedToolCall, ToolCallSplitter, finish_reason_with_calls
+from deployments.http_api import app as http_app
+from tests.scripted_router import ScriptedRouter
 
 WEATHER = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "°C"}}\n</tool_call>'
 TIME = '<tool_call>\n{"name": "get_time", "arguments": {"tz": "CET"}}\n</tool_call>'
@@ -104,38 +105,6 @@ def test_finish_reason_says_tool_calls_only_when_the_model_stopped_after_calling
 # The chat route
 
 
-class Done:
-    """An awaitable that is already done (what a fire-and-forget handle call returns, for the test)."""
-
-    def __await__(self):
-        return iter(())
-
-
-class ScriptedRouter:
-    """A Router handle whose "model" writes the tokens of `text`, one per step, for every choice."""
-
-    def __init__(self, token_ids: list[int], finish_reason: str = "stop"):
-        self.token_ids, self.finish_reason = token_ids, finish_reason
-        self.generate, self.abort = self, self
-        self.requests = []
-
-    def options(self, stream: bool = False):
-        return self
-
-    def remote(self, request_id, prompt_ids=None, params=None):
-        if prompt_ids is None:  # abort.remote(request_id[, index]): nothing to abort here
-            return Done()
-        self.requests.append(params)
-        return self._outputs(int(params.get("n") or 1))
-
-    async def _outputs(self, n: int):
-        for step, token in enumerate(self.token_ids):
-            last = step == len(self.token_ids) - 1
-            for index in range(n):
-                yield {"index": index, "token_ids": [token], "finish_reason": self.finish_reason if last else None,
-                       "num_output_tokens": step + 1, "logprobs": None}
-
-
 @pytest.fixture(scope="module")
 def tokenizer(qwen_tokenizer_dir):
     from qwen2_model.tokenizer import Qwen2Tokenizer
@@ -150,11 +119,11 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
 def _chat(tokenizer, text: str, finish_reason: str = "stop", **kw):
     """One chat call through the FastAPI app and the real Frontend, read by the official openai client."""
     router = ScriptedRouter(tokenizer.encode(text), finish_reason)
-    http_ingress.bind(Frontend([ModelEntry("m", path="", task="generate", tokenizer=tokenizer, router=router,
-                                           max_model_len=4096)]))
+    http_app.bind(Frontend([ModelEntry("m", path="", architecture="Qwen2ForCausalLM", task="generate",
+                                       tokenizer=tokenizer, router=router, max_model_len=4096)]))
 
     async def call():
-        transport = httpx.ASGITransport(app=http_ingress.app)
+        transport = httpx.ASGITransport(app=http_app.create_app())
         async with httpx.AsyncClient(transport=transport, base_url="http://ingress") as http:
             client = openai.AsyncOpenAI(base_url="http://ingress/v1", api_key="-", http_client=http, max_retries=0)
             result = await client.chat.completions.create(
@@ -166,7 +135,7 @@ def _chat(tokenizer, text: str, finish_reason: str = "stop", **kw):
     try:
         return asyncio.run(call()), router
     finally:
-        http_ingress.bind(None)
+        http_app.bind(None)
 
 
 def test_the_qwen_vocabulary_has_the_tags_as_single_tokens(tokenizer):

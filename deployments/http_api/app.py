@@ -1,11 +1,13 @@
-"""HTTP ingress: the OpenAI-compatible FastAPI app served by the Ingress deployment (deployments/app.py).
+"""The HTTP app: the OpenAI-compatible FastAPI app served by the Ingress deployment (deployments/app.py).
 
 Routes: POST /v1/completions, /v1/chat/completions (both with `stream`: SSE `data: {...}` chunks,
 ending `data: [DONE]`), GET /v1/models, POST /v1/classify, /v1/classify/tokens, /v1/answer,
 /v1/embeddings, /tokenize, /detokenize, GET /v1/models/{model}, GET /health (live), GET /ready
 (every Router answers).
 
-Each route is a thin shell over `Frontend` (deployments/frontend.py), shared with the gRPC ingress.
+Each route is a thin shell over `Frontend` (deployments/frontend), shared with the gRPC servicer:
+it resolves the model once, renames the request's fields (schemas.py) and maps the typed result
+onto its response schema.
 Errors: every ServeError and every pydantic validation error becomes OpenAI's error body with the
 status of DESIGN.md's table (429 carries Retry-After). Before any route runs, one ASGI middleware
 checks the API key (when one is set; /health and /ready are open), caps the body size, from
@@ -14,7 +16,9 @@ would pass on to code that breaks on it (`screen_json_body`: lone UTF-16 surroga
 nesting deeper than `Limits.max_json_depth`). A streamed response whose client goes away
 is cancelled, which cancels the Router call and frees the request's KV blocks.
 
-The Ingress replica installs its Frontend with `bind(frontend, api_key=...)`.
+`create_app()` builds the FastAPI app (nothing is built at import time); the routes live on a
+module-level APIRouter, so Serve's copy of the app in each replica reaches the Frontend that the
+replica installs with `bind(frontend, api_key=...)`.
 """
 
 from __future__ import annotations
@@ -26,18 +30,35 @@ import re
 import time
 from typing import Any, AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments import metrics
-from deployments.frontend import Frontend, Usage, to_serve_error
-from deployments.protocol import (
+from deployments.errors import (
+    BodyTooLargeError,
+    InvalidRequestError,
+    ServeError,
+    UnavailableError,
+    check_api_key,
+    to_serve_error,
+    validation_error_to_serve_error,
+)
+from deployments.frontend.core import Frontend, ModelEntry
+from deployments.frontend.requests import (
+    GenerationOptions,
+    Limits,
+    check_json_value,
+    new_id,
+    normalize_inputs,
+    parse_request_timeout,
+)
+from deployments.frontend.results import LogprobEntry, Usage
+from deployments.http_api.schemas import (
     AnswerRequest,
     AnswerResponse,
-    BodyTooLargeError,
     ChatCompletionChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -59,27 +80,18 @@ from deployments.protocol import (
     EmbeddingRequest,
     EmbeddingResponse,
     FunctionCall,
-    InvalidRequestError,
-    Limits,
     ModelCard,
     ModelList,
-    ServeError,
     TokenClassifyRequest,
     TokenClassifyResponse,
     TokenizeRequest,
     TokenizeResponse,
     ToolCall,
-    UnavailableError,
     UsageInfo,
-    check_api_key,
-    check_json_value,
     encode_embedding,
-    new_id,
-    normalize_inputs,
-    parse_request_timeout,
-    to_sampling_fields,
-    validation_error_to_serve_error,
+    generation_options,
 )
+from qwen2_model.tasks import ANSWER, CLASSIFY, CLASSIFY_TOKENS, EMBED, GENERATE
 
 # With an API key, every other route needs it: /docs and /openapi.json too (they list the API).
 OPEN_PATHS = {"/health", "/ready"}
@@ -176,21 +188,29 @@ class GuardMiddleware:
         return await self.app(scope, replay, send)
 
 
-app = FastAPI(title="qwen2-serve", description="Qwen2 on Ray Serve: OpenAI-compatible HTTP API")
-app.add_middleware(GuardMiddleware)
+routes = APIRouter()
 
 
-@app.exception_handler(ServeError)
+def create_app() -> FastAPI:
+    """The FastAPI app: guard middleware, the error contract's handlers, the routes."""
+    app = FastAPI(title="qwen2-serve", description="Qwen2 on Ray Serve: OpenAI-compatible HTTP API")
+    app.add_middleware(GuardMiddleware)
+    app.add_exception_handler(ServeError, _serve_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _any_error)
+    app.include_router(routes)
+    return app
+
+
 async def _serve_error(request: Request, exc: ServeError):
     return error_response(exc)
 
 
-@app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError):
     return error_response(validation_error_to_serve_error(exc))
 
 
-@app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException):
     """Unknown route (404) or method (405), or a body Starlette could not parse (400): the same
     OpenAI error body as every other error, `code` a string as everywhere."""
@@ -203,7 +223,6 @@ async def _http_error(request: Request, exc: StarletteHTTPException):
     return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
-@app.exception_handler(Exception)
 async def _any_error(request: Request, exc: Exception):
     return error_response(to_serve_error(exc))
 
@@ -213,8 +232,7 @@ def _timeout(request: Request) -> float | None:
 
 
 def _usage(u: Usage) -> UsageInfo:
-    return UsageInfo(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
-                     total_tokens=u.total_tokens)
+    return UsageInfo.model_validate(u)
 
 
 def _sse(obj: dict | BaseModel) -> str:
@@ -263,8 +281,9 @@ async def _merged(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, Any]
                 await s.aclose()
 
 
-def _streams(fe: Frontend, model: str, prompts: list, sampling: dict, timeout_s: float | None, rid: str):
-    return [fe.generate_stream(model, p, sampling, request_id=f"{rid}-{i}", timeout_s=timeout_s)
+def _streams(fe: Frontend, entry: ModelEntry, prompts: list, options: GenerationOptions, timeout_s: float | None,
+             rid: str):
+    return [fe.generate_stream(entry, p, options, request_id=f"{rid}-{i}", timeout_s=timeout_s)
             for i, p in enumerate(prompts)]
 
 
@@ -306,25 +325,25 @@ async def _sse_stream(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
     yield "data: [DONE]\n\n"
 
 
-def _completion_logprobs(entries: list[dict], start_offset: int) -> dict:
+def _completion_logprobs(entries: list[LogprobEntry | None], start_offset: int) -> dict:
     out = {"text_offset": [], "token_logprobs": [], "tokens": [], "top_logprobs": []}
     offset = start_offset
     for e in entries:
         if e is None:
             continue
         out["text_offset"].append(offset)
-        out["tokens"].append(e["token"])
-        out["token_logprobs"].append(e["logprob"])
-        out["top_logprobs"].append({t["token"]: t["logprob"] for t in e["top_logprobs"]} or None)
-        offset += len(e["token"])
+        out["tokens"].append(e.token)
+        out["token_logprobs"].append(e.logprob)
+        out["top_logprobs"].append({t.token: t.logprob for t in e.top_logprobs} or None)
+        offset += len(e.token)
     return out
 
 
-def _chat_logprobs(entries: list[dict]) -> dict:
+def _chat_logprobs(entries: list[LogprobEntry | None]) -> dict:
     return {"content": [
-        {"token": e["token"], "logprob": e["logprob"], "bytes": list(e["token"].encode("utf-8")),
-         "top_logprobs": [{"token": t["token"], "logprob": t["logprob"], "bytes": list(t["token"].encode("utf-8"))}
-                          for t in e["top_logprobs"]]}
+        {"token": e.token, "logprob": e.logprob, "bytes": list(e.token.encode("utf-8")),
+         "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": list(t.token.encode("utf-8"))}
+                          for t in e.top_logprobs]}
         for e in entries if e is not None]}
 
 
@@ -332,58 +351,49 @@ def _chat_logprobs(entries: list[dict]) -> dict:
 # Routes
 
 
-@app.get("/health")
+@routes.get("/health")
 async def health():
     return {"status": "ok"}
 
 
-@app.get("/ready")
+@routes.get("/ready")
 async def ready():
-    fe = _frontend()
-    models = {}
     try:
-        for m in fe.models:
-            info = await asyncio.wait_for(m.router.info.remote(), 10)
-            models[m.name] = {"architecture": info["architecture"], "max_model_len": info["max_model_len"],
-                              "num_kv_blocks": info["num_kv_blocks"], "config": info.get("config")}
+        infos = await _frontend().ready()
     except Exception as exc:  # noqa: BLE001
-        err = to_serve_error(exc)
-        return JSONResponse({"status": "not_ready", "error": err.message}, status_code=503)
-    return {"status": "ready", "models": models}
+        return JSONResponse({"status": "not_ready", "error": to_serve_error(exc).message}, status_code=503)
+    return {"status": "ready", "models": {
+        name: {"architecture": i["architecture"], "max_model_len": i["max_model_len"],
+               "num_kv_blocks": i["num_kv_blocks"], "config": i.get("config")} for name, i in infos.items()}}
 
 
-def _model_card(m: dict) -> ModelCard:
-    return ModelCard(id=m["id"], owned_by=m["owned_by"], root=m.get("root"), max_model_len=m["max_model_len"],
-                     task=m["task"])
-
-
-@app.get("/v1/models")
+@routes.get("/v1/models")
 async def list_models():
-    return ModelList(data=[_model_card(m) for m in _frontend().list_models()])
+    return ModelList(data=[ModelCard.model_validate(m) for m in _frontend().list_models()])
 
 
-@app.get("/v1/models/{model_id:path}")
+@routes.get("/v1/models/{model_id:path}")
 async def retrieve_model(model_id: str):
     """OpenAI's GET /v1/models/{model} (`client.models.retrieve`); 404 with the served names otherwise."""
     fe = _frontend()
-    entry = fe.resolve(model_id)
-    return next(_model_card(m) for m in fe.list_models() if m["id"] == entry.name)
+    return ModelCard.model_validate(fe.model_card(fe.resolve(model_id)))
 
 
-@app.post("/v1/completions")
+@routes.post("/v1/completions")
 async def completions(req: CompletionRequest, request: Request):
     fe = _frontend()
-    entry = fe.resolve(req.model, "generate")
-    sampling = to_sampling_fields(req, fe.limits)
+    entry = fe.resolve(req.model, GENERATE)
+    options = generation_options(req)
+    options.validate(fe.limits)  # before any prompt is tokenized
     prompts = normalize_inputs(req.prompt, "prompt", fe.limits)
     timeout_s = _timeout(request)
     rid = new_id("cmpl")
-    n = sampling["n"]
+    n = options.sampling.n
     created = int(time.time())
 
     if not req.stream:
         results = await asyncio.gather(*[
-            fe.generate(entry.name, p, sampling, request_id=f"{rid}-{i}", timeout_s=timeout_s)
+            fe.generate(entry, p, options, request_id=f"{rid}-{i}", timeout_s=timeout_s)
             for i, p in enumerate(prompts)])
         choices, prompt_tokens, completion_tokens = [], 0, 0
         for i, (cs, usage) in enumerate(results):
@@ -398,7 +408,7 @@ async def completions(req: CompletionRequest, request: Request):
                                                      prompt_tokens + completion_tokens)))
 
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    source = await _prime(_merged(_streams(fe, entry.name, prompts, sampling, timeout_s, rid)))
+    source = await _prime(_merged(_streams(fe, entry, prompts, options, timeout_s, rid)))
 
     async def chunks():
         offsets: dict[int, int] = {}
@@ -445,14 +455,15 @@ def _chat_choice(c) -> ChatCompletionChoice:
                                 logprobs=_chat_logprobs(c.logprobs) if c.logprobs is not None else None)
 
 
-@app.post("/v1/chat/completions")
+@routes.post("/v1/chat/completions")
 async def chat_completions(req: ChatCompletionRequest, request: Request):
     fe = _frontend()
-    entry = fe.resolve(req.model, "generate")
-    sampling = to_sampling_fields(req, fe.limits)
-    prompt = fe.render_chat(entry.name, [_message_dict(m) for m in req.messages], tools=req.tools,
+    entry = fe.resolve(req.model, GENERATE)
+    options = generation_options(req)
+    options.validate(fe.limits)
+    prompt = fe.render_chat(entry, [_message_dict(m) for m in req.messages], tools=req.tools,
                             add_generation_prompt=req.add_generation_prompt, **(req.chat_template_kwargs or {}))
-    prompt_ids = fe.tokenize(entry.name, prompt)
+    prompt_ids = fe.tokenize(entry, prompt)
     timeout_s = _timeout(request)
     rid = new_id("chatcmpl")
     created = int(time.time())
@@ -460,14 +471,14 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     parse_tools = req.parses_tool_calls()
 
     if not req.stream:
-        choices, usage = await fe.generate(entry.name, prompt_ids, sampling, request_id=rid, timeout_s=timeout_s,
+        choices, usage = await fe.generate(entry, prompt_ids, options, request_id=rid, timeout_s=timeout_s,
                                            parse_tool_calls=parse_tools)
         return ChatCompletionResponse(
             id=rid, created=created, model=entry.name, usage=_usage(usage),
             choices=[_chat_choice(c) for c in choices])
 
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    source = await _prime(fe.generate_stream(entry.name, prompt_ids, sampling, request_id=rid, timeout_s=timeout_s,
+    source = await _prime(fe.generate_stream(entry, prompt_ids, options, request_id=rid, timeout_s=timeout_s,
                                              parse_tool_calls=parse_tools))
 
     def chunk(choices: list[ChatCompletionStreamChoice], usage: UsageInfo | None = None) -> str:
@@ -499,51 +510,50 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
                              headers={"Cache-Control": "no-cache"})
 
 
-@app.post("/v1/classify")
+@routes.post("/v1/classify")
 async def classify(req: ClassifyRequest):
     fe = _frontend()
-    entry = fe.resolve(req.model, "classify")
-    data, usage = await fe.classify(entry.name, normalize_inputs(req.input, "input", fe.limits))
+    entry = fe.resolve(req.model, CLASSIFY)
+    data, usage = await fe.classify(entry, req.input)
     return ClassifyResponse(model=entry.name, data=data, usage=_usage(usage))
 
 
-@app.post("/v1/classify/tokens")
+@routes.post("/v1/classify/tokens")
 async def classify_tokens(req: TokenClassifyRequest):
     fe = _frontend()
-    entry = fe.resolve(req.model, "classify_tokens")
-    tokens, entities = await fe.classify_tokens(entry.name, req.input, req.aggregation)
-    return TokenClassifyResponse(model=entry.name, tokens=tokens, entities=entities,
-                                 usage=UsageInfo(prompt_tokens=len(tokens), total_tokens=len(tokens)))
+    entry = fe.resolve(req.model, CLASSIFY_TOKENS)
+    result = await fe.classify_tokens(entry, req.input, req.aggregation)
+    return TokenClassifyResponse(model=entry.name, tokens=result.tokens, entities=result.entities,
+                                 usage=_usage(result.usage))
 
 
-@app.post("/v1/answer")
+@routes.post("/v1/answer")
 async def answer(req: AnswerRequest):
     fe = _frontend()
-    entry = fe.resolve(req.model, "answer")
-    return AnswerResponse(**await fe.answer(entry.name, req.question, req.context))
+    entry = fe.resolve(req.model, ANSWER)
+    return AnswerResponse.model_validate(await fe.answer(entry, req.question, req.context))
 
 
-@app.post("/v1/embeddings")
+@routes.post("/v1/embeddings")
 async def embeddings(req: EmbeddingRequest):
     fe = _frontend()
-    entry = fe.resolve(req.model, "embed")
-    vectors, usage = await fe.embed(entry.name, normalize_inputs(req.input, "input", fe.limits),
-                                    pooling=req.pooling, normalize=req.normalize)
+    entry = fe.resolve(req.model, EMBED)
+    vectors, usage = await fe.embed(entry, req.input, pooling=req.pooling, normalize=req.normalize)
     return EmbeddingResponse(model=entry.name, usage=_usage(usage),
                              data=[EmbeddingData(index=i, embedding=encode_embedding(v, req.encoding_format))
                                    for i, v in enumerate(vectors)])
 
 
-@app.post("/tokenize")
+@routes.post("/tokenize")
 async def tokenize(req: TokenizeRequest):
     fe = _frontend()
     entry = fe.resolve(req.model)
-    tokens = fe.tokenize(entry.name, req.prompt, add_special_tokens=req.add_special_tokens)
+    tokens = fe.tokenize(entry, req.prompt, add_special_tokens=req.add_special_tokens)
     return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=entry.max_model_len)
 
 
-@app.post("/detokenize")
+@routes.post("/detokenize")
 async def detokenize(req: DetokenizeRequest):
     fe = _frontend()
     entry = fe.resolve(req.model)
-    return DetokenizeResponse(prompt=fe.detokenize(entry.name, req.tokens))
+    return DetokenizeResponse(prompt=fe.detokenize(entry, req.tokens))

@@ -7,7 +7,7 @@ Qwen2 / Qwen2.5 chat templates, when given `tools`, ask the model to answer a ca
     </tool_call>
 
 (the "Hermes" format; vLLM's `hermes` tool parser reads the same). `ToolCallSplitter` splits the
-generated text into plain content and calls as it streams in; deployments/frontend.py runs one per
+generated text into plain content and calls as it streams in; deployments/frontend/text.py runs one per
 choice (after stop strings), so streamed and whole answers, over HTTP and gRPC, always agree.
 
 A block whose body is not a JSON object with a string `name` stays in the content as text (the

@@ -9,7 +9,7 @@ the proxy forwards the bytes unparsed and `GrpcIngressMixin` decodes them in the
 undecodable bytes are INVALID_ARGUMENT like any other bad field, and the message size is checked
 before the parse.
 
-    grpc_servicer_functions: ["deployments.grpc_raw.add_Qwen2ServeServicer_to_server", ...]
+    grpc_servicer_functions: ["deployments.grpc_api.raw.add_Qwen2ServeServicer_to_server", ...]
 
 Kept tiny (grpc and the descriptors only): Serve's proxy process imports it.
 """

@@ -1,0 +1,89 @@
+"""A scripted stand-in for a Router deployment handle, for driving the real Frontend without Ray.
+
+It speaks the Router's typed messages: `generate.remote(request_id, prompt_ids, SamplingParams)`
+streams engine `RequestOutput`s (the tokens of a fixed answer, one per step, for every choice),
+`pooled.remote(task, token_ids, **kw)` returns what `pooled_results(task, token_ids)` says,
+`info.remote()` answers (or fails like a dead engine), `abort.remote(...)` records the abort.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Callable
+
+from qwen2_model.engine.engine import RequestOutput
+from qwen2_model.engine.sampling import SamplingParams, TokenLogprob
+
+
+class Done:
+    """An awaitable that is already done (what a fire-and-forget handle call returns, for the test)."""
+
+    def __await__(self):
+        return iter(())
+
+
+class _Stream:
+    """What `handle.options(stream=True).generate.remote(...)` returns: an async iterator with cancel()."""
+
+    def __init__(self, agen):
+        self.agen = agen
+
+    def __aiter__(self):
+        return self
+
+    def __anext__(self):
+        return self.agen.__anext__()
+
+    def cancel(self):
+        asyncio.get_running_loop().create_task(self.agen.aclose())
+
+
+class _Method:
+    def __init__(self, fn):
+        self.remote = fn
+
+
+class ScriptedRouter:
+    def __init__(self, token_ids: list[int] | None = None, finish_reason: str = "stop",
+                 pooled_results: Callable[[str, list[list[int]]], list] | None = None):
+        self.token_ids, self.finish_reason = list(token_ids or [1]), finish_reason
+        self.pooled_results = pooled_results
+        self.alive = True
+        self.requests: list[tuple[list[int], SamplingParams]] = []
+        self.pooled_calls: list[tuple[str, list[list[int]], dict]] = []
+        self.aborts: list[tuple] = []
+        self.closed = 0  # generate streams closed (finished or cancelled)
+        self.generate, self.abort = _Method(self._generate), _Method(self._abort)
+        self.pooled, self.info = _Method(self._pooled), _Method(self._info)
+
+    def options(self, stream: bool = False):
+        return self
+
+    def _generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams):
+        assert isinstance(params, SamplingParams)  # typed messages across the Router
+        self.requests.append((list(prompt_ids), params))
+        return _Stream(self._outputs(request_id, len(prompt_ids), params))
+
+    async def _outputs(self, request_id: str, num_prompt: int, params: SamplingParams):
+        try:
+            for step, token in enumerate(self.token_ids):
+                last = step == len(self.token_ids) - 1
+                for index in range(params.n):
+                    lp = None if params.logprobs is None else TokenLogprob(token, -0.5, [(token, -0.5)] * params.logprobs)
+                    yield RequestOutput(request_id, index, [token], [lp], self.finish_reason if last else None,
+                                        num_prompt, step + 1)
+        finally:
+            self.closed += 1
+
+    def _abort(self, request_id: str, index: int | None = None):
+        self.aborts.append((request_id, index))
+        return Done()
+
+    async def _pooled(self, task: str, token_ids: list[list[int]], **kw):
+        self.pooled_calls.append((task, token_ids, kw))
+        return self.pooled_results(task, token_ids)
+
+    async def _info(self):
+        if not self.alive:
+            raise RuntimeError("engine failed")
+        return {"architecture": "Qwen2ForCausalLM", "max_model_len": 4096, "num_kv_blocks": 1, "config": {}}
