@@ -90,12 +90,12 @@ class Router:
 
             executor = RayExecutor(self.model_path, tp=tp, dtype=dtype, device=device,
                                    kv_cache_memory=kv_cache_memory, block_size=block_size,
-                                   gpu_memory_fraction=gpu_memory_fraction)
+                                   gpu_memory_fraction=gpu_memory_fraction, tokenizer_path=self.model_path)
         else:
             from qwen2_model.engine.executor import LocalExecutor
             executor = LocalExecutor(self.model_path, dtype=dtype, device=device,
                                      kv_cache_memory=kv_cache_memory, block_size=block_size,
-                                     gpu_memory_fraction=gpu_memory_fraction)
+                                     gpu_memory_fraction=gpu_memory_fraction, tokenizer_path=self.model_path)
         known = {f.name for f in dataclasses.fields(EngineConfig)} - {"limits"}
         unknown = set(engine or {}) - known
         if unknown:

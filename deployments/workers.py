@@ -103,7 +103,7 @@ class TPWorker:
 
     def init(self, master_addr: str, master_port: int, model_path: str, dtype: str | None, device: str,
              kv_cache_memory: int, block_size: int, attn_backend: str | None, num_threads: int,
-             gpu_memory_fraction: float = 0.0) -> dict:
+             gpu_memory_fraction: float = 0.0, tokenizer_path: str | None = None) -> dict:
         import torch.distributed as dist
 
         from qwen2_model.engine.executor import load_runner
@@ -127,7 +127,9 @@ class TPWorker:
             return int(agreed.item())
 
         self.runner = load_runner(model_path, dtype, self.device, kv_cache_memory, block_size, gpu_memory_fraction,
-                                  attn_backend, ctx=ctx, agree_blocks=agree)
+                                  attn_backend, ctx=ctx, agree_blocks=agree,
+                                  # structured output: the sampling rank holds the matchers and computes the masks
+                                  tokenizer_path=tokenizer_path if self.rank == 0 else None)
         self.model = self.runner.model
         self.config = self.model.config
         self.block_size = block_size
@@ -267,12 +269,13 @@ class WorkerGroup:
         self.alive = True
 
     def start(self, model_path: str, dtype: str | None, device: str, kv_cache_memory: int, block_size: int,
-              attn_backend: str | None, timeout_s: float | None = 600.0, gpu_memory_fraction: float = 0.0
+              attn_backend: str | None, timeout_s: float | None = 600.0, gpu_memory_fraction: float = 0.0,
+              tokenizer_path: str | None = None
               ) -> list[dict]:
         """Rendezvous and load: every rank's info() dict, rank order."""
         addr, port = self.gather([self.actors[0].address.remote()], timeout_s=60.0, what="rendezvous")[0]
         refs = [a.init.remote(addr, port, str(model_path), dtype, device, kv_cache_memory, block_size, attn_backend,
-                              self.num_threads, gpu_memory_fraction) for a in self.actors]
+                              self.num_threads, gpu_memory_fraction, tokenizer_path) for a in self.actors]
         return self.gather(refs, timeout_s=timeout_s, what="start-up")
 
     def call(self, method: str, *args, timeout_s: float | None = None) -> list:
@@ -382,8 +385,12 @@ class RayExecutor:
     def __init__(self, model_path: str | Path, tp: int = 1, dtype: str | None = None, device: str | None = None,
                  kv_cache_memory: int = 256 << 20, block_size: int = 16, attn_backend: str | None = None,
                  cpus_per_worker: int = 1, step_timeout_s: float | None = None, startup_timeout_s: float = 600.0,
-                 gpu_memory_fraction: float = 0.0):
+                 gpu_memory_fraction: float = 0.0, tokenizer_path: str | Path | None = None):
         self.model_path = str(model_path)
+        # Structured output: rank 0 builds its matchers from this tokenizer; the engine validates
+        # specs against `self.grammar` (built here, in the engine's process).
+        self.tokenizer_path = None if tokenizer_path is None else str(tokenizer_path)
+        self.grammar = None
         self.tp = tp
         self.dtype = dtype
         self.kv_cache_memory = kv_cache_memory
@@ -428,7 +435,7 @@ class RayExecutor:
         try:
             self.worker_infos = self.group.start(self.model_path, self.dtype, self.device, self.kv_cache_memory,
                                                  self.block_size, self.attn_backend, self.startup_timeout_s,
-                                                 self.gpu_memory_fraction)
+                                                 self.gpu_memory_fraction, self.tokenizer_path)
         except BaseException:
             self.group.shutdown()
             raise
@@ -436,6 +443,10 @@ class RayExecutor:
         self.config = Qwen2Config.from_dict(info["config"])
         self.architecture = info["architecture"]
         self.num_kv_blocks = info["num_kv_blocks"]
+        if self.tokenizer_path is not None and self.grammar is None and self.architecture == "Qwen2ForCausalLM":
+            from qwen2_model.engine.structured_output import GrammarBackend
+            self.grammar = GrammarBackend.maybe_from_pretrained(self.tokenizer_path, self.config.vocab_size,
+                                                                self.config.eos_token_ids)
         logger.info("tensor-parallel group up: %s tp=%d on %s (%s), %d KV blocks per rank, %.1f s",
                     self.architecture, self.tp, self.device, info["backend"], self.num_kv_blocks,
                     time.perf_counter() - started)

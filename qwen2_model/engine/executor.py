@@ -74,7 +74,7 @@ def load_runner(model_path: str | Path, dtype: str | None = None, device: str | 
         blocks = kv_blocks_for_budget(model.config, kv_cache_memory, block_size, base_model(model).dtype,
                                       ctx.world_size, device, gpu_memory_fraction)
         if tokenizer_path is not None:
-            grammar = GrammarBackend.from_pretrained(tokenizer_path, model.config.vocab_size,
+            grammar = GrammarBackend.maybe_from_pretrained(tokenizer_path, model.config.vocab_size,
                                                      model.config.eos_token_ids)
     if agree_blocks is not None:
         blocks = agree_blocks(blocks)
@@ -113,5 +113,7 @@ class LocalExecutor:
 
     def shutdown(self) -> None:
         self.runner = None
+        if self.grammar is not None:
+            self.grammar.shutdown()
         if self.grammar is not None:
             self.grammar.shutdown()

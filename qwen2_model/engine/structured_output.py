@@ -129,6 +129,16 @@ class GrammarBackend:
 
         return cls(Qwen2Tokenizer.from_pretrained(tokenizer_path).backend.to_str(), vocab_size, eos_token_ids)
 
+    @classmethod
+    def maybe_from_pretrained(cls, tokenizer_path: str | Path, vocab_size: int,
+                              eos_token_ids: list[int]) -> "GrammarBackend | None":
+        """As from_pretrained, or None (logged) when the checkpoint has no tokenizer: no structured output."""
+        path = Path(tokenizer_path)
+        if not any((path / name).is_file() for name in ("tokenizer.json", "vocab.json")):
+            log.warning("no tokenizer in %s: structured output is off for this model", path)
+            return None
+        return cls.from_pretrained(path, vocab_size, eos_token_ids)
+
     def compile(self, spec: StructuredOutput) -> object:
         """A fresh matcher for `spec` (compiled once, then copied); StructuredOutputError if bad."""
         grammar = spec.to_grammar()

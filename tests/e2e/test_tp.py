@@ -322,3 +322,19 @@ def assert_worker_death_gives_503_then_serve_recovers(port, router, body):
         time.sleep(1)
     after = router.stats.remote().result(timeout_s=30)
     assert after["pid"] != before["pid"] and set(after["tp_worker_pids"]).isdisjoint(before["tp_worker_pids"])
+
+
+def test_structured_output_at_tp2_matches_local(ckpts):
+    """Rank 0 holds the matchers (built from the checkpoint's tokenizer); same constrained tokens as tp=1."""
+    from qwen2_model.engine.structured_output import StructuredOutput
+
+    path = ckpts("tiny")
+    spec = StructuredOutput("regex", "[a-z]{3,6}-[0-9]{2}")
+    params = SamplingParams(temperature=0.0, max_tokens=24, structured=spec)
+    expected = Engine(LocalExecutor(path, kv_cache_memory=KV, tokenizer_path=path)).generate_all(PROMPTS, params)
+    ex = executor(path, 2, tokenizer_path=path)
+    try:
+        assert Engine(ex).generate_all(PROMPTS, params) == expected
+        assert all(len(ids[0]) < 24 for ids in expected.values())  # the grammar ended them (stop)
+    finally:
+        ex.shutdown()
