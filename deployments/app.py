@@ -38,13 +38,14 @@ from ray import serve
 
 from deployments.checkpoints import model_facts, resolve_model_path
 from deployments.frontend.core import Frontend, ModelEntry
+from deployments.frontend.reasoning import PARSERS as REASONING_PARSERS
 from deployments.frontend.requests import Limits
 from deployments.grpc_api.servicer import GrpcIngressMixin
 from deployments.http_api import app as http_app
 from deployments.router import Router
 
 MODEL_KEYS = {"name", "path", "tp", "dtype", "device", "kv_cache_memory", "gpu_memory_fraction", "block_size",
-              "engine", "deployment",
+              "engine", "deployment", "reasoning_parser",
               "pooled_batch_wait_ms", "pooled_max_batch_size", "torch_threads", "num_replicas", "user_config",
               "ray_actor_options", "autoscaling_config", "max_ongoing_requests"}
 APP_KEYS = {"models", "api_key", "max_body_bytes", "request_timeout_s", "ingress", "limits"}
@@ -59,6 +60,7 @@ class Ingress(GrpcIngressMixin):
 
     def __init__(self, models: list[dict], routers: dict, api_key: str | None = None,
                  limits: dict | None = None, request_timeout_s: float = 600):
+        from qwen2_model.generation_config import read_generation_config
         from qwen2_model.tokenizer import Qwen2Tokenizer
 
         entries = []
@@ -67,7 +69,9 @@ class Ingress(GrpcIngressMixin):
             entries.append(ModelEntry(name=m["name"], path=str(facts.path), architecture=facts.architecture,
                                       task=facts.task, tokenizer=Qwen2Tokenizer.from_pretrained(facts.path),
                                       router=routers[m["name"]], max_model_len=facts.max_model_len,
-                                      id2label=facts.id2label, vocab_size=facts.vocab_size))
+                                      id2label=facts.id2label, vocab_size=facts.vocab_size,
+                                      sampling_defaults=read_generation_config(facts.path).sampling_defaults(),
+                                      reasoning_parser=m.get("reasoning_parser")))
         self.api_key = api_key or None
         self.frontend = Frontend(entries, Limits(**(limits or {})), request_timeout_s=request_timeout_s)
         http_app.bind(self.frontend, api_key=self.api_key)
@@ -128,7 +132,11 @@ def build_app(args: dict) -> serve.Application:
                   if m.get(k) is not None}
         routers[m["name"]] = serve.deployment(Router).options(name=f"router-{m['name']}", **_router_options(m)).bind(
             m["name"], str(m["path"]), limits=limits, **kwargs)
-        cleaned.append({"name": m["name"], "path": str(m["path"]), "engine": m.get("engine") or {}})
+        if m.get("reasoning_parser") not in (None, *REASONING_PARSERS):
+            raise ValueError(f"model {m['name']!r}: reasoning_parser must be one of {list(REASONING_PARSERS)}, "
+                             f"got {m['reasoning_parser']!r}")
+        cleaned.append({"name": m["name"], "path": str(m["path"]), "engine": m.get("engine") or {},
+                        "reasoning_parser": m.get("reasoning_parser")})
     ingress = serve.deployment(name="Ingress", **DEFAULT_INGRESS_OPTIONS)(serve.ingress(http_app.create_app())(Ingress))
     ingress = ingress.options(**(args.get("ingress") or {}))
     return ingress.bind(cleaned, routers, api_key=args.get("api_key"), limits=limits,

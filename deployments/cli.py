@@ -89,6 +89,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--torch-threads", type=int, default=None,
                    help="torch threads per Router replica (default: the local machine's CPUs (--num-cpus) shared "
                         "among the replicas; with --address, each replica's node's CPUs)")
+    g.add_argument("--reasoning-parser", default=None, choices=["deepseek_r1", "qwq"],
+                   help="reasoning models (QwQ, DeepSeek-R1-Distill-Qwen): chat answers' <think> part goes to "
+                        "reasoning_content, and structured output starts after </think>")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,7 +151,8 @@ def app_args_for_run(args) -> dict:
                        "kv_cache_memory": args.kv_cache_memory, "block_size": args.block_size,
                        "gpu_memory_fraction": args.gpu_memory_fraction,
                        "engine": _engine_options(args), "num_replicas": args.replicas,
-                       "torch_threads": _torch_threads(args)})
+                       "torch_threads": _torch_threads(args),
+                       "reasoning_parser": getattr(args, "reasoning_parser", None)})
     return _with_server_args({"models": models}, args)
 
 

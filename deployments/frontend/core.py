@@ -20,6 +20,7 @@ replica (wrapped by Ray) are unwrapped to the ServeError they carry.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -55,6 +56,8 @@ from deployments.frontend.results import (
     TopLogprob,
     Usage,
 )
+from deployments.frontend.reasoning import THINK_END
+from deployments.frontend.structured import TOOL_CALL_START, StructuredFieldError, structured_from_fields, tool_call_spec
 from deployments.frontend.text import ChoiceText
 from deployments.frontend.tool_calls import finish_reason_with_calls
 from qwen2_model.tasks import ANSWER, CLASSIFY, CLASSIFY_TOKENS, EMBED, GENERATE, can_run
@@ -75,6 +78,20 @@ class ModelEntry:
     max_model_len: int
     id2label: dict[int, str] = field(default_factory=dict)
     vocab_size: int = 0  # the model's (config.json); 0: unknown, the tokenizer's size is used
+    # generation_config.json's temperature / top_p / top_k / repetition_penalty, for requests that
+    # leave them unset (vLLM's generation_config="auto").
+    sampling_defaults: dict[str, float] = field(default_factory=dict)
+    reasoning_parser: str | None = None  # "deepseek_r1": chat answers' <think> part -> reasoning_content
+
+    def __post_init__(self):
+        # Structured output after the reasoning: the constraint starts after the `</think>` token.
+        token_id = getattr(self.tokenizer, "token_to_id", lambda token: None)
+        self.end_think_id = token_id(THINK_END) if self.reasoning_parser else None
+        if self.reasoning_parser and self.end_think_id is None:
+            raise ValueError(f"model {self.name!r}: reasoning_parser {self.reasoning_parser!r} needs {THINK_END} "
+                             f"to be one token of the vocabulary")
+        # Forced tool calls ask for the <tool_call> token where the vocabulary has one (Qwen's).
+        self.tool_call_token = token_id(TOOL_CALL_START) is not None
 
     @property
     def num_token_ids(self) -> int:
@@ -162,7 +179,8 @@ class Frontend:
 
     @staticmethod
     def model_card(m: ModelEntry) -> ModelCard:
-        return ModelCard(id=m.name, task=m.task, max_model_len=m.max_model_len, root=m.path)
+        return ModelCard(id=m.name, task=m.task, max_model_len=m.max_model_len, root=m.path,
+                         sampling_defaults=dict(m.sampling_defaults), reasoning_parser=m.reasoning_parser)
 
     async def ready(self) -> dict[str, dict]:
         """Every Router's info (the readiness probe of /ready and grpc.health.v1); raises when one
@@ -210,9 +228,33 @@ class Frontend:
             raise invalid("prompt", f"token id {bad} is outside the vocabulary [0, {bound})")
         return ids
 
+    def _with_model_options(self, entry: ModelEntry, options: GenerationOptions,
+                            parse_reasoning: bool) -> GenerationOptions:
+        """The model's sampling defaults for the fields the client left unset, and the request's
+        output constraint (checked here: 400 naming the field) on `options.sampling`."""
+        sampling = options.sampling
+        if entry.sampling_defaults and options.explicit is not None:
+            unset = {k: v for k, v in entry.sampling_defaults.items() if k not in options.explicit}
+            if unset:
+                sampling = dataclasses.replace(sampling, **unset)
+        sr = options.structured
+        if sr is not None:
+            try:
+                tool_spec = tool_call_spec(sr.tools, sr.tool_choice, entry.tool_call_token)
+                found = structured_from_fields(sr.response_format, sr.structured_outputs, sr.guided, tool_spec,
+                                               start_after_token=entry.end_think_id if parse_reasoning else None)
+            except StructuredFieldError as exc:
+                raise invalid(exc.param, str(exc).split(": ", 1)[1]) from None
+            if found is not None:
+                sampling = dataclasses.replace(sampling, structured=found[1])
+        if sampling is options.sampling:
+            return options
+        return dataclasses.replace(options, sampling=sampling)
+
     async def generate_stream(self, entry: ModelEntry, prompt: str | list[int], options: GenerationOptions,
                               request_id: str | None = None, timeout_s: float | None = None,
-                              parse_tool_calls: bool = False) -> AsyncIterator[GenerationDelta | Usage]:
+                              parse_tool_calls: bool = False,
+                              parse_reasoning: bool = False) -> AsyncIterator[GenerationDelta | Usage]:
         """Deltas for every choice as they come, then one Usage.
 
         `timeout_s` (e.g. a gRPC deadline) can only shorten the server's timeout. `parse_tool_calls`
@@ -223,6 +265,8 @@ class Frontend:
         start = time.monotonic()
         if start < self._queue_full_until.get(entry.name, 0.0):
             raise QueueFullError("The server is busy (the model's queue is full); retry later", retry_after=1.0)
+        parse_reasoning = parse_reasoning and entry.reasoning_parser is not None
+        options = self._with_model_options(entry, options, parse_reasoning)
         options.validate(self.limits)
         sampling = options.sampling
         ids = self._prompt_ids(entry, prompt)
@@ -231,7 +275,7 @@ class Frontend:
         request_id = request_id or new_id("req")
         seconds = self.request_timeout_s if timeout_s is None else min(self.request_timeout_s, max(timeout_s, 0.0))
         deadline = _Deadline(seconds)
-        states = [ChoiceText(entry.tokenizer, ids, options.stop, parse_tool_calls) for _ in range(n)]
+        states = [ChoiceText(entry.tokenizer, ids, options.stop, parse_tool_calls, parse_reasoning) for _ in range(n)]
         engine_done = [False] * n  # the engine reported a finish_reason for the choice
         remaining = n
         rm = metrics.GenerationMetrics(entry.name, len(ids), start)
@@ -273,6 +317,7 @@ class Frontend:
                     st.finished = True
                     remaining -= 1
                     rm.on_choice_end(reason)
+                reasoning, text = st.split_reasoning(text, final=reason is not None)
                 text, calls = st.split_tool_calls(text, final=reason is not None)
                 if st.tool_calls is not None:
                     reason = finish_reason_with_calls(reason, st.tool_calls.num_calls)
@@ -287,7 +332,7 @@ class Frontend:
                     if logprobs is not None:
                         first = LogprobEntry(ids[0], _token_text(entry.tokenizer, ids[0]), None)
                         logprobs = [first] + logprob_entries(entry.tokenizer, out.prompt_logprobs or []) + logprobs
-                yield GenerationDelta(out.index, text, token_ids, logprobs, reason, calls)
+                yield GenerationDelta(out.index, text, token_ids, logprobs, reason, calls, reasoning)
         finally:
             if not all(engine_done):
                 # Left early (disconnect, deadline, error) or ended by a stop string while the engine
@@ -308,12 +353,13 @@ class Frontend:
 
     async def generate(self, entry: ModelEntry, prompt: str | list[int], options: GenerationOptions,
                        request_id: str | None = None, timeout_s: float | None = None,
-                       parse_tool_calls: bool = False) -> tuple[list[Choice], Usage]:
+                       parse_tool_calls: bool = False, parse_reasoning: bool = False) -> tuple[list[Choice], Usage]:
         n = options.sampling.n
         choices = [Choice(i, "", [], None, None) for i in range(n)]
         texts: list[list[str]] = [[] for _ in range(n)]
+        thoughts: list[list[str]] = [[] for _ in range(n)]
         usage = Usage(0, 0, 0)
-        agen = self.generate_stream(entry, prompt, options, request_id, timeout_s, parse_tool_calls)
+        agen = self.generate_stream(entry, prompt, options, request_id, timeout_s, parse_tool_calls, parse_reasoning)
         try:
             async for item in agen:
                 if isinstance(item, Usage):
@@ -321,6 +367,7 @@ class Frontend:
                     continue
                 c = choices[item.index]
                 texts[item.index].append(item.text)
+                thoughts[item.index].append(item.reasoning)
                 c.token_ids.extend(item.token_ids)
                 c.tool_calls.extend(item.tool_calls)
                 if item.logprobs is not None:
@@ -329,8 +376,9 @@ class Frontend:
                     c.finish_reason = item.finish_reason
         finally:
             await agen.aclose()
-        for c, t in zip(choices, texts):
+        for c, t, r in zip(choices, texts, thoughts):
             c.text = "".join(t)
+            c.reasoning_content = "".join(r) or None
         return choices, usage
 
     # --- one-shot heads ------------------------------------------------------------------------

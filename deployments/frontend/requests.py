@@ -50,11 +50,26 @@ def invalid(param: str, message: str) -> InvalidRequestError:
 
 
 @dataclass
+class StructuredRequest:
+    """The wire fields that constrain the output, as sent (frontend/structured.py reads them once
+    the model is known: forced tool calls and reasoning depend on its vocabulary)."""
+    response_format: Any = None
+    structured_outputs: Any = None
+    guided: dict[str, Any] = field(default_factory=dict)  # guided_json / _regex / _choice / _grammar
+    tools: list[dict] | None = None
+    tool_choice: Any = None
+
+
+@dataclass
 class GenerationOptions:
     sampling: SamplingParams
     stop: list[str] = field(default_factory=list)  # matched on the detokenized text, never emitted
     echo: bool = False  # completions: the prompt goes out before each choice's first delta
     param_names: dict[str, str] = field(default_factory=dict)  # engine field -> the client's field
+    structured: StructuredRequest | None = None
+    # Sampling fields the client set (engine names); the others take the model's generation_config
+    # defaults. None: unknown (no defaults are applied).
+    explicit: set[str] | None = None
 
     def validate(self, limits: Limits = DEFAULT_LIMITS) -> None:
         """InvalidRequestError naming the client's field on the first value outside the rules."""

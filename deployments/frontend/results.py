@@ -31,6 +31,7 @@ class GenerationDelta:
     logprobs: list[LogprobEntry] | None  # one per token in this delta, when asked for
     finish_reason: str | None  # "tool_calls" when the choice stopped after calling tools
     tool_calls: list[ParsedToolCall] = field(default_factory=list)  # finished in this delta; not in `text`
+    reasoning: str = ""  # reasoning models: the <think> text of this delta; not in `text`
 
 
 @dataclass
@@ -48,6 +49,7 @@ class Choice:
     logprobs: list[LogprobEntry] | None
     finish_reason: str | None
     tool_calls: list[ParsedToolCall] = field(default_factory=list)
+    reasoning_content: str | None = None  # reasoning models (the model's reasoning_parser set)
 
 
 @dataclass
@@ -98,3 +100,5 @@ class ModelCard:
     max_model_len: int
     root: str  # the checkpoint path
     owned_by: str = "qwen2-serve"
+    sampling_defaults: dict[str, float] = field(default_factory=dict)  # generation_config.json's
+    reasoning_parser: str | None = None

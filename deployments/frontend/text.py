@@ -8,6 +8,7 @@ for chat with tools, a ToolCallSplitter together.
 
 from __future__ import annotations
 
+from deployments.frontend.reasoning import ReasoningSplitter
 from deployments.frontend.tool_calls import ParsedToolCall, ToolCallSplitter, tail_prefix_length
 
 
@@ -43,7 +44,8 @@ class StopMatcher:
 class ChoiceText:
     """Detokenization, stop strings and tool calls of one choice."""
 
-    def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str], parse_tool_calls: bool = False):
+    def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str], parse_tool_calls: bool = False,
+                 parse_reasoning: bool = False):
         from qwen2_model.tokenizer import IncrementalDetokenizer
 
         # Special tokens (EOS, <|im_end|>) are not part of the text, as in vLLM and OpenAI.
@@ -51,6 +53,7 @@ class ChoiceText:
         self.detok = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens=True)
         self.matcher = StopMatcher(stop)
         self.tool_calls = ToolCallSplitter() if parse_tool_calls else None
+        self.reasoning = ReasoningSplitter() if parse_reasoning else None
         self.echoed = False  # echo: the prompt went out with the choice's first delta
         self.finished = False
         self.num_output_tokens = 0
@@ -61,6 +64,16 @@ class ChoiceText:
         if final:
             text += self.detok.flush()
         return self.matcher.feed(text, final)
+
+    def split_reasoning(self, text: str, final: bool) -> tuple[str, str]:
+        """Emitted text -> (reasoning, content); a no-op unless the model's reasoning is parsed."""
+        if self.reasoning is None:
+            return "", text
+        d = self.reasoning.feed(text)
+        if final:
+            end = self.reasoning.finish()
+            d.reasoning, d.content = d.reasoning + end.reasoning, d.content + end.content
+        return d.reasoning, d.content
 
     def split_tool_calls(self, text: str, final: bool) -> tuple[str, list[ParsedToolCall]]:
         """Emitted text -> (content, finished tool calls); a no-op unless tools are parsed."""

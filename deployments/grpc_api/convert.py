@@ -12,7 +12,8 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from deployments.errors import InvalidRequestError
-from deployments.frontend.requests import DEFAULT_LIMITS, GenerationOptions, Limits, check_json_value, invalid, new_id
+from deployments.frontend.requests import (DEFAULT_LIMITS, GenerationOptions, Limits, StructuredRequest, check_json_value,
+                                          invalid, new_id)
 from deployments.frontend.results import (
     Answer,
     Choice,
@@ -108,7 +109,50 @@ def generation_options(request: pb.GenerateRequest) -> GenerationOptions:
     kw["logit_bias"] = dict(request.logit_bias)
     if request.echo:
         kw["prompt_logprobs"] = kw.get("logprobs")
-    return GenerationOptions(SamplingParams(**kw), stop=list(request.stop), echo=request.echo)
+    explicit = {name for name in _OPTIONAL_FIELDS if request.HasField(name)}
+    return GenerationOptions(SamplingParams(**kw), stop=list(request.stop), echo=request.echo,
+                             structured=structured_request(request), explicit=explicit)
+
+
+def structured_request(request: pb.GenerateRequest) -> StructuredRequest:
+    """`response_format_json` / `structured_outputs` / tools + tool_choice, as HTTP's fields."""
+    response_format = None
+    if request.response_format_json:
+        try:
+            response_format = json.loads(request.response_format_json)
+        except (ValueError, RecursionError) as e:
+            raise invalid("response_format_json", f"is not valid JSON ({str(e)[:200]})") from None
+        check_json_value(response_format, "response_format_json")
+    structured_outputs = None
+    if request.HasField("structured_outputs"):
+        kind = request.structured_outputs.WhichOneof("constraint")
+        if kind is None:
+            raise invalid("structured_outputs", "set one of json, regex, choice, grammar, json_object")
+        if kind == "json_object":
+            response_format = response_format or {"type": "json_object"}
+            if request.response_format_json:
+                raise invalid("structured_outputs", "cannot be combined with response_format_json: one output "
+                                                    "constraint per request")
+        else:
+            value = getattr(request.structured_outputs, kind)
+            structured_outputs = {kind: list(value.choices) if kind == "choice" else value}
+    tools, tool_choice = None, None
+    if request.tool_choice not in ("", "auto", "none") and not request.tools_json:
+        raise invalid("tool_choice", "needs tools_json")
+    if request.tools_json and request.tool_choice not in ("", "auto", "none"):
+        tools = json.loads(request.tools_json)  # checked by chat_tools
+        tool_choice = _tool_choice_value(request.tool_choice)
+    return StructuredRequest(response_format, structured_outputs, {}, tools, tool_choice)
+
+
+def _tool_choice_value(value: str):
+    """gRPC's tool_choice string: "required", or OpenAI's named-function object as JSON text."""
+    if value.lstrip().startswith("{"):
+        try:
+            return json.loads(value)
+        except ValueError as e:
+            raise invalid("tool_choice", f"is not valid JSON ({str(e)[:200]})") from None
+    return value
 
 
 def chat_tools(request: pb.GenerateRequest, kind: str,
@@ -135,7 +179,7 @@ def chat_tools(request: pb.GenerateRequest, kind: str,
 
 def _check_tool_choice(value: str) -> None:
     try:
-        check_tool_choice(value or None)
+        check_tool_choice(_tool_choice_value(value) if value else None)
     except ValueError as e:
         raise invalid("tool_choice", str(e)) from None
 
@@ -177,7 +221,8 @@ def tool_calls_to_proto(calls: list[ParsedToolCall]) -> list[pb.ToolCall]:
 
 def choice_to_proto(c: Choice) -> pb.Choice:
     return pb.Choice(index=c.index, text=c.text, token_ids=c.token_ids, finish_reason=c.finish_reason or "",
-                     logprobs=logprobs_to_proto(c.logprobs), tool_calls=tool_calls_to_proto(c.tool_calls))
+                     logprobs=logprobs_to_proto(c.logprobs), tool_calls=tool_calls_to_proto(c.tool_calls),
+                     reasoning_content=c.reasoning_content)
 
 
 def generate_response(request_id: str, model: str, choices: list[Choice], usage: Usage) -> pb.GenerateResponse:
@@ -188,7 +233,7 @@ def generate_response(request_id: str, model: str, choices: list[Choice], usage:
 def delta_to_proto(request_id: str, model: str, d: GenerationDelta) -> pb.GenerateStreamResponse:
     return pb.GenerateStreamResponse(id=request_id, model=model, index=d.index, text=d.text, token_ids=d.token_ids,
                                      finish_reason=d.finish_reason or "", logprobs=logprobs_to_proto(d.logprobs),
-                                     tool_calls=tool_calls_to_proto(d.tool_calls))
+                                     tool_calls=tool_calls_to_proto(d.tool_calls), reasoning_content=d.reasoning)
 
 
 async def stream_messages(request_id: str, model: str, n: int,
@@ -248,4 +293,6 @@ def embed_response(model: str, vectors: list[list[float]], usage: Usage) -> pb.E
 
 def list_models_response(models: list[ModelCard]) -> pb.ListModelsResponse:
     return pb.ListModelsResponse(models=[
-        pb.ModelCard(id=m.id, task=m.task, max_model_len=m.max_model_len, owned_by=m.owned_by) for m in models])
+        pb.ModelCard(id=m.id, task=m.task, max_model_len=m.max_model_len, owned_by=m.owned_by,
+                     sampling_defaults=m.sampling_defaults, reasoning_parser=m.reasoning_parser or "")
+        for m in models])

@@ -134,7 +134,8 @@ class GrpcIngressMixin:
         options.validate(self.frontend.limits)
         entry = self.frontend.resolve(C.model_arg(request.model), GENERATE)
         prompt = self.frontend.render_chat(entry, value, tools=tools) if kind == "messages" else value
-        return entry, prompt, options, {"timeout_s": request_timeout(grpc_context), "parse_tool_calls": parse_tool_calls}
+        return entry, prompt, options, {"timeout_s": request_timeout(grpc_context), "parse_tool_calls": parse_tool_calls,
+                                        "parse_reasoning": kind == "messages"}
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context: Any = None) -> pb.GenerateResponse:
         async def call(request: Any) -> pb.GenerateResponse:

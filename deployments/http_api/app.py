@@ -447,9 +447,9 @@ def _message_dict(m) -> dict:
 
 def _chat_choice(c) -> ChatCompletionChoice:
     """A finished choice -> its chat answer (the text around tool calls, if any, trimmed)."""
-    message = ChatResponseMessage(content=c.text)
+    message = ChatResponseMessage(content=c.text, reasoning_content=c.reasoning_content)
     if c.tool_calls:
-        message = ChatResponseMessage(content=c.text.strip() or None, tool_calls=[
+        message = ChatResponseMessage(content=c.text.strip() or None, reasoning_content=c.reasoning_content, tool_calls=[
             ToolCall(function=FunctionCall(name=call.name, arguments=call.arguments)) for call in c.tool_calls])
     return ChatCompletionChoice(index=c.index, message=message, finish_reason=c.finish_reason,
                                 logprobs=_chat_logprobs(c.logprobs) if c.logprobs is not None else None)
@@ -472,14 +472,14 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
 
     if not req.stream:
         choices, usage = await fe.generate(entry, prompt_ids, options, request_id=rid, timeout_s=timeout_s,
-                                           parse_tool_calls=parse_tools)
+                                           parse_tool_calls=parse_tools, parse_reasoning=True)
         return ChatCompletionResponse(
             id=rid, created=created, model=entry.name, usage=_usage(usage),
             choices=[_chat_choice(c) for c in choices])
 
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     source = await _prime(fe.generate_stream(entry, prompt_ids, options, request_id=rid, timeout_s=timeout_s,
-                                             parse_tool_calls=parse_tools))
+                                             parse_tool_calls=parse_tools, parse_reasoning=True))
 
     def chunk(choices: list[ChatCompletionStreamChoice], usage: UsageInfo | None = None) -> str:
         return _sse(ChatCompletionStreamResponse(id=rid, created=created, model=entry.name, choices=choices,
@@ -494,6 +494,8 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
                     yield chunk([], _usage(item))
                 continue
             delta = DeltaMessage(content=item.text, role=None if item.index in started else "assistant")
+            if item.reasoning:  # reasoning models: the <think> part streams in its own field
+                delta.reasoning_content, delta.content = item.reasoning, item.text or None
             started.add(item.index)
             if item.tool_calls:
                 first = calls_sent.get(item.index, 0)

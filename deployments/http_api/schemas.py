@@ -27,7 +27,8 @@ from pydantic import (
     field_validator,
 )
 
-from deployments.frontend.requests import GenerationOptions, invalid, new_id
+from deployments.frontend.requests import GenerationOptions, StructuredRequest, invalid, new_id
+from deployments.frontend.structured import GUIDED_FIELDS
 from qwen2_model.engine.sampling import SamplingParams
 
 
@@ -75,10 +76,6 @@ _NO_CONSTRAINED_DECODING = "needs constrained (guided) decoding, which this serv
 UNSUPPORTED_FIELDS: dict[str, tuple[Any, str]] = {
     "suffix": (_unset, "suffix (insertion) is not supported"),
     "best_of": (lambda v: v in (None, 1), "best_of is not supported; use n"),
-    "response_format": (lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
-                        f"only {{'type': 'text'}} is supported: JSON or schema output {_NO_CONSTRAINED_DECODING}"),
-    **{name: (_unset, _NO_CONSTRAINED_DECODING)
-       for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")},
     "functions": (_unset, "the legacy `functions` field is not supported; send `tools`"),
     "function_call": (_unset, "the legacy `function_call` field is not supported; send `tool_choice`"),
     "use_beam_search": (_unset, "beam search is not supported"),
@@ -134,6 +131,14 @@ class _SamplingRequest(_RefusedFields):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     logit_bias: dict[str, float] | None = None  # OpenAI's: token id (as a JSON key) -> bias
+    # Structured output (frontend/structured.py checks them and names the field): OpenAI's
+    # response_format, vLLM's structured_outputs and its older guided_* fields. At most one.
+    response_format: Any = None
+    structured_outputs: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
 
 
 class CompletionRequest(_SamplingRequest):
@@ -226,16 +231,16 @@ class ChatCompletionRequest(_SamplingRequest):
 
 
 def check_tool_choice(value: Any) -> None:
-    """tool_choice: None/"auto" (the model decides; calls are parsed) or "none" (text as written).
-
-    "required" and a named function need constrained decoding to be guaranteed; refusing them is
-    better than answering with text the client was promised would be a call. Raises ValueError.
-    """
-    if value is None or value in ("auto", "none"):
+    """tool_choice: None/"auto" (the model decides; calls are parsed), "none" (text as written),
+    "required" or {"type": "function", "function": {"name": ...}} (the answer is constrained to one
+    call: frontend/structured.py). Raises ValueError."""
+    if value is None or value in ("auto", "none", "required"):
         return
-    raise ValueError(f"{value!r} is not supported: use 'auto' (the model decides, calls are parsed) or 'none' "
-                     f"(no calls are parsed); 'required' and named functions need constrained decoding, "
-                     f"which this server does not do")
+    if isinstance(value, dict) and value.get("type") == "function" and isinstance(value.get("function"), dict) \
+            and isinstance(value["function"].get("name"), str) and value["function"]["name"]:
+        return
+    raise ValueError(f"{str(value)[:100]!r} is not a tool_choice: use 'auto', 'none', 'required' or "
+                     f"{{'type': 'function', 'function': {{'name': ...}}}}")
 
 
 RESERVED_TEMPLATE_KWARGS = {"chat_template", "messages", "tools", "add_generation_prompt", "tokenize",
@@ -381,6 +386,7 @@ class ToolCall(_Response):
 class ChatResponseMessage(_Response):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    reasoning_content: str | None = None  # reasoning models: the <think> part (vLLM's field)
     tool_calls: list[ToolCall] | None = None
 
 
@@ -419,6 +425,7 @@ class DeltaToolCall(_Response):
 class DeltaMessage(_Response):
     role: Literal["assistant"] | None = None  # set on each choice's first chunk
     content: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
 
 
@@ -449,6 +456,10 @@ class ModelCard(_Response):
     root: str | None = None  # checkpoint path or hub name the model was loaded from
     max_model_len: int | None = None
     task: str | None = None  # "generate" | "classify" | "classify_tokens" | "answer" | "embed"
+    # generation_config.json's temperature / top_p / top_k / repetition_penalty: used when a
+    # request leaves them unset
+    sampling_defaults: dict[str, float] | None = None
+    reasoning_parser: str | None = None  # "deepseek_r1": chat answers carry reasoning_content
 
 
 class ModelList(_Response):
@@ -577,7 +588,11 @@ def generation_options(req: CompletionRequest | ChatCompletionRequest) -> Genera
         # Echo with logprobs shows the prompt tokens' logprobs too: the engine computes them.
         kw["prompt_logprobs"] = req.logprobs if echo else None
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    return GenerationOptions(SamplingParams(**kw), stop=stop, echo=echo, param_names=names)
+    structured = StructuredRequest(req.response_format, req.structured_outputs,
+                                   {name: getattr(req, name) for name in GUIDED_FIELDS},
+                                   getattr(req, "tools", None), getattr(req, "tool_choice", None))
+    explicit = {name for name, value in kw.items() if value is not None}
+    return GenerationOptions(SamplingParams(**kw), stop=stop, echo=echo, param_names=names, structured=structured, explicit=explicit)
 
 
 def encode_embedding(values: Sequence[float], encoding_format: str = "float") -> list[float] | str:

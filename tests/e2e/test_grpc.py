@@ -236,8 +236,9 @@ def test_generate_chat_with_tools_matches_http(app):
     assert http.json()["usage"]["prompt_tokens"] == resp.usage.prompt_tokens > plain.usage.prompt_tokens
     assert http.json()["choices"][0]["message"]["content"] == resp.choices[0].text
     err = rpc_error(app.stub.Generate, pb.GenerateRequest(messages=messages, tools_json=json.dumps(tools),
-                                                          tool_choice="required"), metadata=app.md)
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and err.details().startswith("tool_choice: ")
+                                                          tool_choice='{"type": "function", "function": {"name": "x"}}'),
+                    metadata=app.md)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and err.details().startswith("tool_choice.function.name: ")
 
 
 def test_classify_tokens_answer_embed_tokenize(app):

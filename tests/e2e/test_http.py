@@ -187,10 +187,10 @@ def test_chat_with_tools_renders_them_and_refuses_what_it_cannot_promise(client,
                                           max_tokens=8, temperature=0)
     assert resp.usage.prompt_tokens == len(tok.encode(prompt))
     assert resp.choices[0].message.content == text and resp.choices[0].message.tool_calls is None
-    with pytest.raises(openai.BadRequestError) as e:
+    with pytest.raises(openai.BadRequestError) as e:  # forcing a function the request does not offer
         client.chat.completions.create(model=serve_app.generate_model, messages=messages, tools=tools,
-                                       tool_choice="required", max_tokens=8)
-    assert e.value.body["param"] == "tool_choice"
+                                       tool_choice={"type": "function", "function": {"name": "nope"}}, max_tokens=8)
+    assert e.value.body["param"] == "tool_choice.function.name"
 
 
 def test_logit_bias_forces_and_bans_tokens(client, serve_app, reference):
@@ -461,10 +461,11 @@ def test_400_names_the_field(client, serve_app, http):
     assert r.status_code == 400 and error_of(r)["param"] == "prompt"
     r = http.post("/v1/completions", content=b"{not json", headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and error_of(r)["code"] == "invalid_request"
-    with pytest.raises(openai.BadRequestError) as e:  # asked for JSON output: refused, not ignored
+    with pytest.raises(openai.BadRequestError) as e:  # a schema that is not one: named, not ignored
         client.chat.completions.create(model=serve_app.generate_model, messages=[{"role": "user", "content": "x"}],
-                                       response_format={"type": "json_object"})
-    assert e.value.body["param"] == "response_format" and "constrained" in e.value.body["message"]
+                                       response_format={"type": "json_schema", "json_schema": {
+                                           "name": "x", "schema": {"type": "wat"}}})
+    assert e.value.body["param"] == "response_format.json_schema.schema" and "wat" in e.value.body["message"]
 
 
 def test_400_context_length(client, serve_app):

@@ -254,7 +254,15 @@ def test_chat_tools_reach_the_template_and_calls_come_back(tokenizer):
     (pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content="x")], tools_json='{"a": 1}'), "tools_json",
      "JSON array of tool objects"),
     (pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content="x")], tools_json="[]", tool_choice="required"),
-     "tool_choice", "constrained decoding"),
+     "tool_choice", "needs `tools`"),
+    (pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content="x")], tool_choice="required"),
+     "tool_choice", "needs tools_json"),
+    (pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content="x")], tools_json='[{"type": "function", '
+                        '"function": {"name": "f"}}]', tool_choice='{"type": "function", "function": {"name": "g"}}'),
+     "tool_choice.function.name", "not one of the request's tools"),
+    (pb.GenerateRequest(prompt="x", structured_outputs=pb.StructuredOutputs(regex="a(b")),
+     "structured_outputs.regex", "unclosed group"),
+    (pb.GenerateRequest(prompt="x", response_format_json="{nope"), "response_format_json", "not valid JSON"),
 ])
 def test_chat_tools_errors_name_the_field(ingress, req, param, words):
     ctx = Ctx()

@@ -192,8 +192,14 @@ def test_stop_strings_apply_before_tool_calls(tokenizer):
 
 
 @pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
-def test_tool_choice_that_needs_constrained_decoding_is_refused(tokenizer, tool_choice):
+def test_forced_tool_choice_reaches_the_engine_as_a_tool_call_grammar(tokenizer, tool_choice):
+    resp, router = _chat(tokenizer, WEATHER, tools=TOOLS, tool_choice=tool_choice)
+    assert resp.choices[0].finish_reason == "tool_calls"
+    assert [c.function.name for c in resp.choices[0].message.tool_calls] == ["get_weather"]
+    spec = router.requests[0][1].structured
+    # the Qwen vocabulary has <tool_call> as one token: the grammar asks for the token, not its spelling
+    assert spec.kind == "grammar" and spec.value.startswith("start: <tool_call> ")
+    assert '"const": "get_weather"' in spec.value
     with pytest.raises(openai.BadRequestError) as e:
-        _chat(tokenizer, ANSWER, tools=TOOLS, tool_choice=tool_choice)
-    assert e.value.status_code == 400 and e.value.body["param"] == "tool_choice"
-    assert "constrained decoding" in e.value.body["message"]
+        _chat(tokenizer, WEATHER, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}})
+    assert e.value.status_code == 400 and e.value.body["param"] == "tool_choice.function.name"

@@ -165,9 +165,6 @@ def test_echo_is_for_completions_with_prompt_logprobs_when_logprobs_are_asked():
 # A value each refused field may be sent with (refused), and its neutral value (accepted).
 UNSUPPORTED_EXAMPLES = {
     "suffix": ("end", None), "best_of": (2, 1),
-    "response_format": ({"type": "json_object"}, {"type": "text"}),
-    "guided_json": ({"type": "object"}, None), "guided_regex": ("a+", None), "guided_choice": (["a", "b"], None),
-    "guided_grammar": ("root ::= 'a'", None), "structured_outputs": ({"json": {}}, None),
     "functions": ([{"name": "f"}], None), "function_call": ("auto", None),
     "use_beam_search": (True, False), "length_penalty": (0.5, 1.0), "prompt_logprobs": (1, None),
     "allowed_token_ids": ([1, 2], None), "bad_words": (["x"], []), "include_stop_str_in_output": (True, False),
