@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Annotated
 
 import grpc
 import httpx
@@ -48,7 +49,7 @@ MESSAGES = [{"role": "user", "content": "Tell me about someone."}]
 class Person(BaseModel):
     name: str = Field(max_length=6)
     age: int = Field(ge=0, le=99)
-    tags: list[str] = Field(max_length=2)
+    tags: list[Annotated[str, Field(max_length=3)]] = Field(max_length=2)
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +161,7 @@ def test_grpc_structured_outputs_response_format_and_tools(stub, serve_app):
     assert text in ("red", "green")
     req = pb.GenerateRequest(model=serve_app.generate_model, prompt="Once", max_tokens=40, temperature=0,
                              response_format_json=json.dumps({"type": "json_schema", "json_schema": {
-                                 "name": "r", "schema": {"type": "object", "properties": {"ok": {"type": "boolean"}},
+                                 "name": "r", "schema": {"type": "object", "properties": {"ok": {"type": "boolean"}}, "additionalProperties": False,
                                                          "required": ["ok"]}}}))
     assert isinstance(json.loads(stub.Generate(req, metadata=md(serve_app), timeout=120).choices[0].text)["ok"], bool)
     req = pb.GenerateRequest(model=serve_app.generate_model, max_tokens=80, temperature=1.0, seed=8,
