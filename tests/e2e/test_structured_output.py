@@ -160,9 +160,9 @@ def test_grpc_structured_outputs_response_format_and_tools(stub, serve_app):
     text = "".join(m.text for m in stub.GenerateStream(req, metadata=md(serve_app), timeout=120))
     assert text in ("red", "green")
     req = pb.GenerateRequest(model=serve_app.generate_model, prompt="Once", max_tokens=40, temperature=0,
-                             response_format_json=json.dumps({"type": "json_schema", "json_schema": {
-                                 "name": "r", "schema": {"type": "object", "properties": {"ok": {"type": "boolean"}}, "additionalProperties": False,
-                                                         "required": ["ok"]}}}))
+                             response_format_json=json.dumps({"type": "json_schema", "json_schema": {"name": "r", "schema": {
+                                 "type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+                                 "additionalProperties": False}}}))
     assert isinstance(json.loads(stub.Generate(req, metadata=md(serve_app), timeout=120).choices[0].text)["ok"], bool)
     req = pb.GenerateRequest(model=serve_app.generate_model, max_tokens=80, temperature=1.0, seed=8,
                              messages=[pb.ChatMessage(role="user", content="Weather?")],
