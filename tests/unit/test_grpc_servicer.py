@@ -379,3 +379,29 @@ def test_build_generate_request():
 def test_client_error_retry_after():
     e = ClientError(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy", [("retry-after", "2")])
     assert e.retry_after == 2.0 and "RESOURCE_EXHAUSTED" in str(e)
+
+
+def test_structured_reasoning_and_defaults_over_grpc(tokenizer):
+    """gRPC's fields reach the engine as HTTP's do; reasoning_content whole and streamed; defaults in ListModels."""
+    answer = "<think>hmm</think>{\"a\": 1}"
+    ing = Ingress(tokenizer)
+    ing.router = ScriptedRouter(tokenizer.encode(answer), "stop")
+    defaults = {"temperature": 0.6, "top_p": 0.95}
+    ing.frontend = Frontend([ModelEntry("m", path="/ckpt/m", architecture="Qwen2ForCausalLM", task="generate",
+                                        tokenizer=tokenizer, router=ing.router, max_model_len=64,
+                                        sampling_defaults=defaults, reasoning_parser="deepseek_r1")])
+    chat = dict(messages=[pb.ChatMessage(role="user", content="x")])
+    req = pb.GenerateRequest(structured_outputs=pb.StructuredOutputs(json_object=True), top_p=0.5, **chat)
+    choice = run(ing.Generate(req, Ctx())).choices[0]
+    assert choice.reasoning_content == "hmm" and choice.text == "{\"a\": 1}"
+    params = ing.router.requests[-1][1]
+    assert params.structured.kind == "json_object"
+    assert params.structured.start_after_token == tokenizer.token_to_id("</think>")
+    assert (params.temperature, params.top_p) == (0.6, 0.5)  # unset -> the model's; set -> the client's
+    msgs = run(collect(ing.GenerateStream(pb.GenerateRequest(**chat), Ctx())))
+    assert "".join(m.reasoning_content for m in msgs) == "hmm" and "".join(m.text for m in msgs) == "{\"a\": 1}"
+    run(ing.Generate(pb.GenerateRequest(prompt="x", structured_outputs=pb.StructuredOutputs(
+        choice=pb.ChoiceList(choices=["a", "b"]))), Ctx()))
+    assert ing.router.requests[-1][1].structured.kind == "choice"
+    card = run(ing.ListModels(pb.ListModelsRequest(), Ctx())).models[0]
+    assert dict(card.sampling_defaults) == pytest.approx(defaults) and card.reasoning_parser == "deepseek_r1"

@@ -201,3 +201,16 @@ def test_backend_covers_the_model_vocab_of_the_real_qwen_tokenizer(qwen_tokenize
     for t in tok.encode('{"a": 12}'):
         assert m.consume_token(t)
     assert m.is_stopped()
+
+
+def test_forced_tool_call_grammar_takes_qwens_tool_call_token(qwen_tokenizer_dir):
+    from deployments.frontend.structured import tool_call_spec
+
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}}}]
+    g = GrammarBackend.from_pretrained(qwen_tokenizer_dir, 151936, [151645, 151643])
+    tok = Qwen2Tokenizer.from_pretrained(qwen_tokenizer_dir)
+    m = g.compile(tool_call_spec(tools, "required", special_tool_tokens=True))
+    ids = tok.encode('<tool_call>\n{"name": "f", "arguments": {"x": 3}}\n</tool_call>')
+    assert ids[0] == tok.token_to_id("<tool_call>")  # one token, as the chat template taught the model
+    assert all(m.consume_token(t) for t in ids) and m.is_stopped()
