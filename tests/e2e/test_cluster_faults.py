@@ -78,7 +78,8 @@ def cluster(tmp_path_factory, request):
     if ray.is_initialized():
         pytest.skip("needs its own Ray: run alone with -m cluster")
     os.environ["QWEN2_SERVE_HOME"] = str(tmp_path_factory.mktemp("home"))
-    from deployments.app import build_app, demo_checkpoint
+    from deployments.app import build_app
+    from deployments.checkpoints import demo_checkpoint
 
     demo_checkpoint("causal_lm")
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"head": 1}})
