@@ -98,11 +98,14 @@ def cluster(tmp_path_factory, request):
 
 
 def replica_nodes() -> dict[str, str]:
-    """Router replica id -> node id, for running replicas."""
-    from ray.util.state import list_actors
+    """Router replica actor name -> node id, for live replicas.
 
-    return {a.name: a.node_id for a in list_actors(filters=[("state", "=", "ALIVE")])
-            if a.name and "router-qwen2-demo" in a.name}
+    From this driver's own GCS connection (`ray._private.state.actors`), not the state API, which
+    picks "the latest" Ray instance on the machine when several run (other agents' clusters)."""
+    import ray._private.state as state
+
+    return {a["Name"]: a["Address"]["NodeID"] for a in state.actors().values()
+            if a["State"] == "ALIVE" and "router-qwen2-demo" in (a["Name"] or "")}
 
 
 def test_node_loss_fails_its_streams_fast_and_serve_recovers(cluster):
