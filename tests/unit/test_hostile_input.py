@@ -129,6 +129,7 @@ class FullThenFreeRouter(ScriptedRouter):
 
 def test_a_full_queue_is_refused_at_the_ingress_without_calling_the_router(qwen_tokenizer_dir, monkeypatch):
     import asyncio
+    import contextvars
     import time
 
     from deployments.frontend import core as fe_mod
@@ -142,7 +143,9 @@ def test_a_full_queue_is_refused_at_the_ingress_without_calling_the_router(qwen_
     fe = Frontend([ModelEntry("m", path="", architecture="Qwen2ForCausalLM", task="generate",
                               tokenizer=Qwen2Tokenizer.from_pretrained(qwen_tokenizer_dir), router=router,
                               max_model_len=64)])
-    entry = fe.resolve("m")
+    # resolve() sets the request's `model` metrics label in the current context: keep it out of the
+    # test process's own context (tests/unit/test_metrics.py expects an empty label there).
+    entry = contextvars.copy_context().run(fe.resolve, "m")
 
     async def generate():
         return await fe.generate(entry, [1, 2], GenerationOptions(SamplingParams(max_tokens=1)))
