@@ -142,6 +142,14 @@ def measure_engine(args, checkpoint: Path, work_path: Path, out_dir: Path, *, co
             "machine_after": machine_state(), "requests": result_rows(results)}
 
 
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
 # --- `run`: the whole sweep -------------------------------------------------------------------------
 
 def cmd_run(args) -> int:
@@ -176,14 +184,14 @@ def cmd_run(args) -> int:
         runs.append(measure_engine(args, checkpoint, work_path, out_dir, concurrency=args.concurrency))
         save()
     server = QwenServer(out_dir / "qwen2-serve.log", checkpoint, MODEL_NAME, args)
-    print("starting qwen2-serve ...", flush=True)
-    with server:
-        for protocol in protocols:
+    print("starting qwen2-serve ..." if not args.no_qwen else "qwen2-serve skipped (--no-qwen)", flush=True)
+    with server if not args.no_qwen else _nothing():
+        for protocol in protocols if not args.no_qwen else ():
             target = server.base_url if protocol == "http" else server.grpc_target
             runs.append(measure("qwen2-serve", protocol, target, MODEL_NAME, work, args, concurrency=args.concurrency,
                                 server_pid=server.proc.pid))
             save()
-        for rate in rates:
+        for rate in rates if not args.no_qwen else ():
             runs.append(measure("qwen2-serve", "http", server.base_url, MODEL_NAME, work, args, rate=rate,
                                 server_pid=server.proc.pid))
             save()
@@ -396,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--peers", default="vllm", help="'vllm' or 'none'")
     run.add_argument("--vllm-start-timeout", type=float, default=1800,
                      help="seconds for vLLM to load and compile (minutes on a busy 2-core machine)")
+    run.add_argument("--no-qwen", action="store_true", help="skip qwen2-serve (e.g. the engine and vLLM only)")
     run.add_argument("--no-engine", action="store_true", help="skip the engine-alone runs")
     run.add_argument("--engine-rates", action="store_true", help="also run the engine alone at each Poisson rate")
     run.add_argument("--out", default=None, help="results folder (default: benchmarks/results/serve_load-TIME)")
