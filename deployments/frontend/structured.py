@@ -108,7 +108,13 @@ def tool_call_spec(tools: list[dict] | None, tool_choice: Any, special_tool_toke
         return None
     if not tools:
         raise StructuredFieldError("tool_choice", "needs `tools`")
-    functions = [t.get("function") or {} for t in tools if isinstance(t, dict)]
+    functions = []
+    for i, t in enumerate(tools):
+        f = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not f["name"]:
+            raise StructuredFieldError(f"tools.{i}", "must be {'type': 'function', 'function': {'name': ..., "
+                                                     "'parameters': ...}} to be forced by tool_choice")
+        functions.append(f)
     if tool_choice == "required":
         chosen = functions
     elif isinstance(tool_choice, dict) and tool_choice.get("type") == "function" \
