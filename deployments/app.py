@@ -17,6 +17,9 @@
           block_size: 16
           engine: {max_model_len: 2048, max_num_seqs: 64, ...}   # EngineConfig fields
           deployment: {num_replicas: 1, user_config: {...}, ...} # Serve options of this Router
+          loras: {sql: /adapters/sql}  # LoRA adapters (PEFT dirs) by name; requests say model "sql" or "qwen2-demo:sql"
+          lora_dir: null            # a directory whose subdirectories are adapters loaded on demand by name
+          max_loras_per_replica: null  # adapters one Router replica holds (LRU; default engine.max_loras = 4)
 
       limits: {max_n: 16, max_logprobs: 20, ...}  # deployments/frontend/requests.py Limits: checked
                                     # by the ingress and, for sampling, by every Router's engine
@@ -36,6 +39,7 @@ from typing import Any
 
 from ray import serve
 
+from deployments.lora_adapters import AdapterCatalog
 from deployments.checkpoints import model_facts, resolve_model_path
 from deployments.frontend.core import Frontend, ModelEntry
 from deployments.frontend.reasoning import PARSERS as REASONING_PARSERS
@@ -47,7 +51,8 @@ from deployments.router import Router
 MODEL_KEYS = {"name", "path", "tp", "dtype", "device", "kv_cache_memory", "gpu_memory_fraction", "block_size",
               "engine", "deployment", "reasoning_parser",
               "pooled_batch_wait_ms", "pooled_max_batch_size", "torch_threads", "num_replicas", "user_config",
-              "ray_actor_options", "autoscaling_config", "max_ongoing_requests"}
+              "ray_actor_options", "autoscaling_config", "max_ongoing_requests",
+              "loras", "lora_dir", "max_loras_per_replica"}
 APP_KEYS = {"models", "api_key", "max_body_bytes", "request_timeout_s", "ingress", "limits"}
 DEFAULT_ROUTER_OPTIONS = {"max_ongoing_requests": 256, "ray_actor_options": {"num_cpus": 0.25},
                           "health_check_period_s": 10}
@@ -73,7 +78,10 @@ class Ingress(GrpcIngressMixin):
                                       sampling_defaults=read_generation_config(facts.path).sampling_defaults(),
                                       reasoning_parser=m.get("reasoning_parser")))
         self.api_key = api_key or None
-        self.frontend = Frontend(entries, Limits(**(limits or {})), request_timeout_s=request_timeout_s)
+        adapters = {m["name"]: AdapterCatalog.from_config(m["name"], m.get("loras"), m.get("lora_dir"))
+                    for m in models}
+        self.frontend = Frontend(entries, Limits(**(limits or {})), request_timeout_s=request_timeout_s,
+                                 adapters=adapters)
         http_app.bind(self.frontend, api_key=self.api_key)
 
 
@@ -128,15 +136,19 @@ def build_app(args: dict) -> serve.Application:
         resolve_model_path(m["path"])  # fail early, and write demo checkpoints on the driver
         kwargs = {k: m[k] for k in ("tp", "dtype", "device", "kv_cache_memory", "gpu_memory_fraction", "block_size",
                                     "engine",
-                                    "pooled_batch_wait_ms", "pooled_max_batch_size", "torch_threads")
+                                    "pooled_batch_wait_ms", "pooled_max_batch_size", "torch_threads",
+                                    "loras", "lora_dir", "max_loras_per_replica")
                   if m.get(k) is not None}
         routers[m["name"]] = serve.deployment(Router).options(name=f"router-{m['name']}", **_router_options(m)).bind(
             m["name"], str(m["path"]), limits=limits, **kwargs)
         if m.get("reasoning_parser") not in (None, *REASONING_PARSERS):
             raise ValueError(f"model {m['name']!r}: reasoning_parser must be one of {list(REASONING_PARSERS)}, "
                              f"got {m['reasoning_parser']!r}")
+        # LoRA adapters: checked here (names, base collisions) so a bad config fails at start-up
+        AdapterCatalog.from_config(m["name"], m.get("loras"), m.get("lora_dir"))
         cleaned.append({"name": m["name"], "path": str(m["path"]), "engine": m.get("engine") or {},
-                        "reasoning_parser": m.get("reasoning_parser")})
+                        "reasoning_parser": m.get("reasoning_parser"),
+                        "loras": m.get("loras"), "lora_dir": m.get("lora_dir")})
     ingress = serve.deployment(name="Ingress", **DEFAULT_INGRESS_OPTIONS)(serve.ingress(http_app.create_app())(Ingress))
     ingress = ingress.options(**(args.get("ingress") or {}))
     return ingress.bind(cleaned, routers, api_key=args.get("api_key"), limits=limits,

@@ -114,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="checkpoint directory or demo:<head> (repeatable)")
     run.add_argument("--name", action="append", default=[], metavar="NAME",
                      help="served model name, one per --model in order (default: the directory name)")
+    run.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                     help="a LoRA adapter (PEFT directory) of the first --model, served as model NAME or "
+                          "BASE:NAME (repeatable)")
+    run.add_argument("--lora-dir", default=None, metavar="DIR",
+                     help="adapters of the first --model loaded on demand: DIR/NAME is served as model NAME")
+    run.add_argument("--max-loras", type=int, default=None,
+                     help="LoRA adapters one replica holds at once (least recently used evicted; default 4)")
     _add_model_options(run)
     _add_server_options(run)
     run.set_defaults(func=cmd_run)
@@ -153,6 +160,17 @@ def app_args_for_run(args) -> dict:
                        "engine": _engine_options(args), "num_replicas": args.replicas,
                        "torch_threads": _torch_threads(args),
                        "reasoning_parser": getattr(args, "reasoning_parser", None)})
+    if args.lora or args.lora_dir or args.max_loras:
+        from deployments.lora_adapters import parse_lora_arg
+
+        try:
+            models[0]["loras"] = dict(parse_lora_arg(item) for item in args.lora)
+        except ValueError as exc:
+            raise SystemExit(f"qwen2-serve run: {exc}") from None
+        models[0]["lora_dir"] = args.lora_dir
+        if args.max_loras:
+            models[0]["max_loras_per_replica"] = args.max_loras
+            models[0]["engine"]["max_loras"] = args.max_loras
     return _with_server_args({"models": models}, args)
 
 

@@ -116,6 +116,7 @@ class _LoadedAdapter:
 
     def __init__(self, async_engine, name: str, ref):
         self.async_engine, self.name, self.ref = async_engine, name, ref
+        self.ref_for_request = ref  # kept after unloading: requests already given it finish with it
 
     def __del__(self):  # called by Serve on eviction (and again by the GC: idempotent, guarded by identity)
         if self.ref is not None:
@@ -160,8 +161,9 @@ class LoraLoader:
         self.loads += 1
         return _LoadedAdapter(self.async_engine, name, ref)
 
-    async def acquire(self, name: str | None = None) -> str | None:
-        """The adapter this request asked for (Serve's multiplexed model id), loaded; None: the base."""
+    async def acquire(self, name: str | None = None):
+        """The adapter this request asked for (Serve's multiplexed model id), loaded: its engine LoraRef
+        (None: the base model)."""
         if name is None:
             from ray import serve
             try:
@@ -172,9 +174,9 @@ class LoraLoader:
             return None
         if not self.catalog.enabled:
             raise ModelNotFoundError(f"{self.catalog.base}:{name}", available=[])
-        await self._get(name)
+        loaded = await self._get(name)
         self.requests[name] += 1
-        return name
+        return loaded.ref_for_request
 
     def stats(self) -> dict:
         engine = self.async_engine.engine

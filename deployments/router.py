@@ -38,6 +38,7 @@ from deployments.errors import (
     ServeError,
     UnavailableError,
 )
+from deployments.lora_adapters import AdapterCatalog, LoraLoader
 from deployments.metrics import RouterMetrics
 from qwen2_model.engine.engine import (AsyncEngine, Engine, EngineConfig, EngineDead, EngineError, QueueFull,
                                        RequestOutput)
@@ -77,7 +78,9 @@ class Router:
     def __init__(self, model_name: str, model_path: str, tp: int = 1, dtype: str | None = None,
                  device: str | None = None, kv_cache_memory: int = 256 << 20, block_size: int = 16,
                  engine: dict | None = None, pooled_batch_wait_ms: float = 5.0, pooled_max_batch_size: int = 32,
-                 torch_threads: int | None = None, gpu_memory_fraction: float = 0.0, limits: dict | None = None):
+                 torch_threads: int | None = None, gpu_memory_fraction: float = 0.0, limits: dict | None = None,
+                 loras: dict | list | None = None, lora_dir: str | None = None,
+                 max_loras_per_replica: int | None = None):
         import torch
         # Ray sets OMP_NUM_THREADS to the actor's whole CPUs, or 1 for a fractional num_cpus: left
         # alone, a 0.25-CPU Router would run the model on one core of a many-core machine.
@@ -109,6 +112,9 @@ class Router:
         self.metrics = RouterMetrics(model_name)
         self.engine.step_observers.append(self.metrics.observe_step)
         self.async_engine = AsyncEngine(self.engine)
+        # LoRA adapters (deployments/lora_adapters.py): declared + lora_dir, on Serve's model multiplexing
+        self.loras = LoraLoader(self.async_engine, AdapterCatalog.from_config(model_name, loras, lora_dir),
+                                max_loras_per_replica or self.engine.config.max_loras)
         self.tp = tp
         self.metrics.start(self.async_engine.stats, _workers_alive(executor, tp))
         self.pooled_batch_wait_ms = float(pooled_batch_wait_ms)
@@ -125,7 +131,8 @@ class Router:
     async def generate(self, request_id: str, prompt_token_ids: list[int],
                        params: SamplingParams) -> AsyncIterator[RequestOutput]:
         self._check_alive()
-        stream = self.async_engine.generate(request_id, list(prompt_token_ids), params)
+        lora = await self.loras.acquire()  # the request's adapter (Serve's multiplexed model id), loaded
+        stream = self.async_engine.generate(request_id, list(prompt_token_ids), params, lora=lora)
         try:
             async for out in stream:
                 yield out
@@ -244,6 +251,7 @@ class Router:
         out["pooled_batches"] = self.pooled_batches
         out["pooled_max_batch"] = self.pooled_max_batch
         out["pid"] = os.getpid()
+        out["loras"] = self.loras.stats()
         out["torch_threads"] = _torch_threads()
         out["tp_worker_pids"] = [w.get("pid") for w in getattr(self.engine.executor, "worker_infos", [])]
         return out

@@ -59,6 +59,7 @@ from deployments.frontend.results import (
 from deployments.frontend.reasoning import THINK_END
 from deployments.frontend.structured import TOOL_CALL_START, StructuredFieldError, structured_from_fields, tool_call_spec
 from deployments.frontend.text import ChoiceText
+from deployments.lora_adapters import AdapterCatalog, resolve_adapter
 from deployments.frontend.tool_calls import finish_reason_with_calls
 from qwen2_model.tasks import ANSWER, CLASSIFY, CLASSIFY_TOKENS, EMBED, GENERATE, can_run
 
@@ -82,6 +83,16 @@ class ModelEntry:
     # leave them unset (vLLM's generation_config="auto").
     sampling_defaults: dict[str, float] = field(default_factory=dict)
     reasoning_parser: str | None = None  # "deepseek_r1": chat answers' <think> part -> reasoning_content
+
+    # A LoRA adapter of a base model (deployments/lora_adapters.py): `name` is what the request said,
+    # `router` the base's handle with Serve's multiplexed model id set to `lora`, `parent` the base.
+    lora: str | None = None
+    parent: str | None = None
+
+    @property
+    def base_name(self) -> str:
+        """The served base model (metrics label, queue-full view): adapters count under their base."""
+        return self.parent or self.name
 
     def __post_init__(self):
         # Structured output after the reasoning: the constraint starts after the `</think>` token.
@@ -137,7 +148,8 @@ def logprob_entries(tokenizer, raw: list) -> list[LogprobEntry | None]:
 
 
 class Frontend:
-    def __init__(self, models: list[ModelEntry], limits: Limits = DEFAULT_LIMITS, request_timeout_s: float = 600):
+    def __init__(self, models: list[ModelEntry], limits: Limits = DEFAULT_LIMITS, request_timeout_s: float = 600,
+                 adapters: dict[str, AdapterCatalog] | None = None):
         if not models:
             raise ValueError("Frontend needs at least one model")
         names = [m.name for m in models]
@@ -151,6 +163,8 @@ class Frontend:
         # model are refused here for QUEUE_FULL_HOLD_S without the round trip to the busy replica,
         # so a 429 costs what the ingress costs. Any admitted request's first output clears it.
         self._queue_full_until: dict[str, float] = {}
+        self.adapters = {k: v for k, v in (adapters or {}).items() if v.enabled}  # base name -> its LoRA adapters
+        self._adapter_entries: dict[tuple[str, str], ModelEntry] = {}
 
     # --- models --------------------------------------------------------------------------------
 
@@ -165,22 +179,45 @@ class Frontend:
                                           f"{', '.join(f'{m.name} ({m.task})' for m in self.models)}", param="model")
             entry = candidates[0]
         else:
-            entry = self.by_name.get(model)
+            entry = self.by_name.get(model) or self._adapter_entry(model)
             if entry is None:
-                raise ModelNotFoundError(model, available=list(self.by_name))
-        metrics.set_request_model(entry.name)  # the `model` label of this request's error, if any
+                raise ModelNotFoundError(model, available=[c.id for c in self.list_models()])
+            if entry.lora is not None and task not in (None, GENERATE):
+                raise InvalidRequestError(f"The model '{model}' is a LoRA adapter: adapters apply to generation "
+                                          f"only, not {task!r}", param="model")
+        metrics.set_request_model(entry.base_name)  # the `model` label of this request's error, if any
         if not entry.can(task):
             raise InvalidRequestError(f"The model '{entry.name}' is a {entry.task} model and cannot do {task!r}",
                                       param="model")
         return entry
 
+    def _adapter_entry(self, model: str) -> ModelEntry | None:
+        """`adapter` or `base:adapter` -> the base's entry for that adapter; None if it names none."""
+        hit = resolve_adapter(model, self.adapters)
+        if hit is None:
+            return None
+        base, adapter = hit
+        key = (model, adapter)
+        if key not in self._adapter_entries:
+            b = self.by_name[base]
+            self._adapter_entries[key] = dataclasses.replace(
+                b, name=model, path=self.adapters[base].path_of(adapter), lora=adapter, parent=base,
+                router=b.router.options(multiplexed_model_id=adapter))  # Serve routes to a replica holding it
+        return self._adapter_entries[key]
+
     def list_models(self) -> list[ModelCard]:
-        return [self.model_card(m) for m in self.models]
+        cards = [self.model_card(m) for m in self.models]
+        for base, catalog in self.adapters.items():
+            b = self.by_name[base]
+            cards += [ModelCard(id=name, task=b.task, max_model_len=b.max_model_len, root=catalog.path_of(name),
+                                parent=base) for name in catalog.names()]
+        return cards
 
     @staticmethod
     def model_card(m: ModelEntry) -> ModelCard:
         return ModelCard(id=m.name, task=m.task, max_model_len=m.max_model_len, root=m.path,
-                         sampling_defaults=dict(m.sampling_defaults), reasoning_parser=m.reasoning_parser)
+                         sampling_defaults=dict(m.sampling_defaults), reasoning_parser=m.reasoning_parser,
+                         parent=m.parent)
 
     async def ready(self) -> dict[str, dict]:
         """Every Router's info (the readiness probe of /ready and grpc.health.v1); raises when one
@@ -263,7 +300,7 @@ class Frontend:
         with logprobs, the prompt tokens' logprobs, the first one None).
         """
         start = time.monotonic()
-        if start < self._queue_full_until.get(entry.name, 0.0):
+        if start < self._queue_full_until.get(entry.base_name, 0.0):
             raise QueueFullError("The server is busy (the model's queue is full); retry later", retry_after=1.0)
         parse_reasoning = parse_reasoning and entry.reasoning_parser is not None
         options = self._with_model_options(entry, options, parse_reasoning)
@@ -278,7 +315,7 @@ class Frontend:
         states = [ChoiceText(entry.tokenizer, ids, options.stop, parse_tool_calls, parse_reasoning) for _ in range(n)]
         engine_done = [False] * n  # the engine reported a finish_reason for the choice
         remaining = n
-        rm = metrics.GenerationMetrics(entry.name, len(ids), start)
+        rm = metrics.GenerationMetrics(entry.base_name, len(ids), start)
         stream = entry.router.options(stream=True).generate.remote(request_id, ids, sampling)
         try:
             while remaining:
@@ -289,12 +326,12 @@ class Frontend:
                 except Exception as exc:
                     err = to_serve_error(exc)
                     if isinstance(err, QueueFullError):
-                        self._queue_full_until[entry.name] = time.monotonic() + QUEUE_FULL_HOLD_S
+                        self._queue_full_until[entry.base_name] = time.monotonic() + QUEUE_FULL_HOLD_S
                     if err is exc:
                         raise
                     raise err from None
                 if self._queue_full_until:
-                    self._queue_full_until.pop(entry.name, None)  # admitted: the queue has room again
+                    self._queue_full_until.pop(entry.base_name, None)  # admitted: the queue has room again
                 st = states[out.index]
                 if out.finish_reason is not None:
                     engine_done[out.index] = True
@@ -390,7 +427,7 @@ class Frontend:
             result = await deadline.run(entry.router.pooled.remote(task, token_ids, **kw))
         except Exception as exc:
             raise to_serve_error(exc) from None
-        metrics.record_pooled(entry.name, sum(len(x) for x in token_ids), start)
+        metrics.record_pooled(entry.base_name, sum(len(x) for x in token_ids), start)
         return result
 
     def _input_ids(self, entry: ModelEntry, inputs) -> list[list[int]]:

@@ -98,7 +98,8 @@ class ModelCard:
     id: str
     task: str
     max_model_len: int
-    root: str  # the checkpoint path
+    root: str  # the checkpoint path (an adapter's directory)
     owned_by: str = "qwen2-serve"
     sampling_defaults: dict[str, float] = field(default_factory=dict)  # generation_config.json's
     reasoning_parser: str | None = None
+    parent: str | None = None  # a LoRA adapter's base model

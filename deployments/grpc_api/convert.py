@@ -294,5 +294,6 @@ def embed_response(model: str, vectors: list[list[float]], usage: Usage) -> pb.E
 def list_models_response(models: list[ModelCard]) -> pb.ListModelsResponse:
     return pb.ListModelsResponse(models=[
         pb.ModelCard(id=m.id, task=m.task, max_model_len=m.max_model_len, owned_by=m.owned_by,
-                     sampling_defaults=m.sampling_defaults, reasoning_parser=m.reasoning_parser or "")
+                     sampling_defaults=m.sampling_defaults, reasoning_parser=m.reasoning_parser or "",
+                     parent=m.parent or "")
         for m in models])

@@ -460,6 +460,7 @@ class ModelCard(_Response):
     # request leaves them unset
     sampling_defaults: dict[str, float] | None = None
     reasoning_parser: str | None = None  # "deepseek_r1": chat answers carry reasoning_content
+    parent: str | None = None  # a LoRA adapter's base model (vLLM's field)
 
 
 class ModelList(_Response):

@@ -240,9 +240,11 @@ class Engine:
         if ref is None or self.loras.get(name) is ref:
             self.loras.pop(name, None)
 
-    def lora_ref(self, name: str | None) -> LoraRef | None:
-        if name is None:
-            return None
+    def lora_ref(self, name: "str | LoraRef | None") -> LoraRef | None:
+        """A registered adapter by name (a LoraRef passes through: a request holds its adapter even if
+        the name is unregistered meanwhile)."""
+        if name is None or isinstance(name, LoraRef):
+            return name
         ref = self.loras.get(name)
         if ref is None:
             raise EngineError(f"LoRA adapter {name!r} is not loaded", param="model", code="model_not_found")

@@ -49,3 +49,15 @@ def test_config_errors():
         AdapterCatalog.from_config("base", {"../x": "/p"}, None)
     with pytest.raises(ValueError, match="name of its base model"):
         AdapterCatalog.from_config("base", {"base": "/p"}, None)
+
+
+def test_cli_lora_flags_reach_the_first_model():
+    from deployments.cli import app_args_for_run, build_parser
+
+    args = build_parser().parse_args(["run", "--model", "demo:causal_lm", "--lora", "sql=/a/sql", "--lora", "chat=/a/chat",
+                                      "--lora-dir", "/a/more", "--max-loras", "3"])
+    model = app_args_for_run(args)["models"][0]
+    assert model["loras"] == {"sql": "/a/sql", "chat": "/a/chat"} and model["lora_dir"] == "/a/more"
+    assert model["max_loras_per_replica"] == 3 and model["engine"]["max_loras"] == 3
+    with pytest.raises(SystemExit, match="name=path"):
+        app_args_for_run(build_parser().parse_args(["run", "--model", "demo:causal_lm", "--lora", "oops"]))

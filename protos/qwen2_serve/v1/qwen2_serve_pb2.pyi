@@ -360,7 +360,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelCard(_message.Message):
-    __slots__ = ("id", "task", "max_model_len", "owned_by", "sampling_defaults", "reasoning_parser")
+    __slots__ = ("id", "task", "max_model_len", "owned_by", "sampling_defaults", "reasoning_parser", "parent")
     class SamplingDefaultsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -374,13 +374,15 @@ class ModelCard(_message.Message):
     OWNED_BY_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_DEFAULTS_FIELD_NUMBER: _ClassVar[int]
     REASONING_PARSER_FIELD_NUMBER: _ClassVar[int]
+    PARENT_FIELD_NUMBER: _ClassVar[int]
     id: str
     task: str
     max_model_len: int
     owned_by: str
     sampling_defaults: _containers.ScalarMap[str, float]
     reasoning_parser: str
-    def __init__(self, id: _Optional[str] = ..., task: _Optional[str] = ..., max_model_len: _Optional[int] = ..., owned_by: _Optional[str] = ..., sampling_defaults: _Optional[_Mapping[str, float]] = ..., reasoning_parser: _Optional[str] = ...) -> None: ...
+    parent: str
+    def __init__(self, id: _Optional[str] = ..., task: _Optional[str] = ..., max_model_len: _Optional[int] = ..., owned_by: _Optional[str] = ..., sampling_defaults: _Optional[_Mapping[str, float]] = ..., reasoning_parser: _Optional[str] = ..., parent: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
