@@ -172,9 +172,10 @@ def _clean(message: str) -> str:
 def apply_bitmask(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> None:
     """In place: logits[rows[j], t] = -inf where bit t of bitmask[j] is 0. logits [B, V], bitmask [R, W]."""
     V = logits.shape[-1]
-    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    bitmask = bitmask.to(logits.device, non_blocking=True)  # ship the packed words, unpack where the logits are
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
     bits = (bitmask[:, :, None] >> shifts) & 1  # [R, W, 32]
-    allowed = bits.view(len(rows), -1)[:, :V].to(device=logits.device, dtype=torch.bool)  # [R, V]
+    allowed = bits.view(len(rows), -1)[:, :V].bool()  # [R, V]
     if len(rows) == logits.shape[0] and rows == list(range(len(rows))):
         logits.masked_fill_(~allowed, float("-inf"))
         return

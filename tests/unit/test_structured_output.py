@@ -214,3 +214,20 @@ def test_forced_tool_call_grammar_takes_qwens_tool_call_token(qwen_tokenizer_dir
     ids = tok.encode('<tool_call>\n{"name": "f", "arguments": {"x": 3}}\n</tool_call>')
     assert ids[0] == tok.token_to_id("<tool_call>")  # one token, as the chat template taught the model
     assert all(m.consume_token(t) for t in ids) and m.is_stopped()
+
+
+def test_apply_bitmask_matches_a_dense_reference():
+    from qwen2_model.engine.structured_output import apply_bitmask
+
+    g = torch.Generator().manual_seed(0)
+    B, V = 5, 70  # V not a multiple of 32: the last word's high bits are past the vocabulary
+    logits = torch.randn(B, V, generator=g)
+    allowed = torch.rand(2, 96, generator=g) < 0.3  # [R, W * 32]
+    words = (allowed.view(2, 3, 32).long() << torch.arange(32)).sum(-1)  # [R, W] as uint32 values
+    bitmask = words.to(torch.int64).apply_(lambda w: w - (1 << 32) if w >= 1 << 31 else w).to(torch.int32)
+    out = logits.clone()
+    apply_bitmask(out, [1, 3], bitmask)
+    expected = logits.clone()
+    for j, r in enumerate([1, 3]):
+        expected[r][~allowed[j, :V]] = float("-inf")
+    assert torch.equal(out, expected)
