@@ -15,6 +15,8 @@
           kv_cache_memory: 268435456
           gpu_memory_fraction: null # CUDA: KV cache = this fraction of free GPU memory after loading (overrides kv_cache_memory)
           block_size: 16
+          quantization: null        # int8: weight-only int8 at load (GPTQ/AWQ checkpoints need nothing)
+          hf_overrides: null        # config.json fields to replace, e.g. {rope_scaling: {rope_type: yarn, ...}}
           engine: {max_model_len: 2048, max_num_seqs: 64, ...}   # EngineConfig fields
           deployment: {num_replicas: 1, user_config: {...}, ...} # Serve options of this Router
           loras: {sql: /adapters/sql}  # LoRA adapters (PEFT dirs) by name; requests say model "sql" or "qwen2-demo:sql"
@@ -49,7 +51,7 @@ from deployments.http_api import app as http_app
 from deployments.router import Router
 
 MODEL_KEYS = {"name", "path", "tp", "dtype", "device", "kv_cache_memory", "gpu_memory_fraction", "block_size",
-              "engine", "deployment", "reasoning_parser",
+              "engine", "deployment", "reasoning_parser", "quantization", "hf_overrides",
               "pooled_batch_wait_ms", "pooled_max_batch_size", "torch_threads", "num_replicas", "user_config",
               "ray_actor_options", "autoscaling_config", "max_ongoing_requests",
               "loras", "lora_dir", "max_loras_per_replica"}
@@ -70,7 +72,7 @@ class Ingress(GrpcIngressMixin):
 
         entries = []
         for m in models:
-            facts = model_facts(m["path"], m.get("engine"))
+            facts = model_facts(m["path"], m.get("engine"), m.get("hf_overrides"))
             entries.append(ModelEntry(name=m["name"], path=str(facts.path), architecture=facts.architecture,
                                       task=facts.task, tokenizer=Qwen2Tokenizer.from_pretrained(facts.path),
                                       router=routers[m["name"]], max_model_len=facts.max_model_len,
@@ -101,6 +103,24 @@ def _router_options(m: dict) -> dict[str, Any]:
         opts["placement_group_bundles"] = router_bundles(tp, use_gpu)
         opts["placement_group_strategy"] = "STRICT_PACK"
     return opts
+
+
+def _check_load_options(m: dict) -> None:
+    """Fail on the driver, naming the model and the problem, before any replica starts: hf_overrides
+    that do not make a valid config, a max_model_len above the (RoPE-scaled) context, an unknown
+    --quantization, or one on an already quantized checkpoint."""
+    from qwen2_model.config import ConfigError
+    from qwen2_model.loading import quantization_scheme
+
+    overrides = m.get("hf_overrides")
+    if overrides is not None and not isinstance(overrides, dict):
+        raise ValueError(f"model {m['name']!r}: hf_overrides must be a mapping of config.json fields, got {overrides!r}")
+    try:
+        facts = model_facts(m["path"], m.get("engine"), overrides)
+        from qwen2_model.config import Qwen2Config
+        quantization_scheme(Qwen2Config.from_pretrained(facts.path, overrides=overrides), m.get("quantization"))
+    except ConfigError as exc:
+        raise ValueError(f"model {m['name']!r}: {exc}") from None
 
 
 def _cuda() -> bool:
@@ -134,8 +154,9 @@ def build_app(args: dict) -> serve.Application:
         if m["name"] in routers:
             raise ValueError(f"duplicate model name {m['name']!r}")
         resolve_model_path(m["path"])  # fail early, and write demo checkpoints on the driver
+        _check_load_options(m)
         kwargs = {k: m[k] for k in ("tp", "dtype", "device", "kv_cache_memory", "gpu_memory_fraction", "block_size",
-                                    "engine",
+                                    "engine", "quantization", "hf_overrides",
                                     "pooled_batch_wait_ms", "pooled_max_batch_size", "torch_threads",
                                     "loras", "lora_dir", "max_loras_per_replica")
                   if m.get(k) is not None}
@@ -148,7 +169,8 @@ def build_app(args: dict) -> serve.Application:
         AdapterCatalog.from_config(m["name"], m.get("loras"), m.get("lora_dir"))
         cleaned.append({"name": m["name"], "path": str(m["path"]), "engine": m.get("engine") or {},
                         "reasoning_parser": m.get("reasoning_parser"),
-                        "loras": m.get("loras"), "lora_dir": m.get("lora_dir")})
+                        "loras": m.get("loras"), "lora_dir": m.get("lora_dir"),
+                        "hf_overrides": m.get("hf_overrides")})
     ingress = serve.deployment(name="Ingress", **DEFAULT_INGRESS_OPTIONS)(serve.ingress(http_app.create_app())(Ingress))
     ingress = ingress.options(**(args.get("ingress") or {}))
     return ingress.bind(cleaned, routers, api_key=args.get("api_key"), limits=limits,

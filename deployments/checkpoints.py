@@ -71,14 +71,15 @@ class ModelFacts:
     id2label: dict[int, str] = field(default_factory=dict)
 
 
-def model_facts(path: str | os.PathLike, engine: dict | None = None) -> ModelFacts:
-    """The served model's facts from its config.json and the Router's `engine` options."""
+def model_facts(path: str | os.PathLike, engine: dict | None = None, hf_overrides: dict | None = None) -> ModelFacts:
+    """The served model's facts from its config.json (with the model's `hf_overrides`) and the Router's
+    `engine` options. A `max_model_len` above what the RoPE scaling supports raises ConfigError."""
     from qwen2_model.config import Qwen2Config
     from qwen2_model.engine.engine import EngineConfig, context_length
     from qwen2_model.tasks import task_of
 
     resolved = resolve_model_path(path)
-    config = Qwen2Config.from_pretrained(resolved)
+    config = Qwen2Config.from_pretrained(resolved, overrides=hf_overrides)
     max_model_len = context_length(EngineConfig(max_model_len=(engine or {}).get("max_model_len")), config)
     return ModelFacts(resolved, config.architecture, task_of(config.architecture), max_model_len, config.vocab_size,
                       {int(k): v for k, v in dict(config.id2label).items()})

@@ -75,7 +75,14 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                         "loading the weights, instead of --kv-cache-memory")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: %(default)s)")
     g.add_argument("--max-model-len", type=int, default=None,
-                   help="context length (default: the model's max_position_embeddings)")
+                   help="context length (default: what the model supports: max_position_embeddings, or with "
+                        "YaRN rope_scaling original_max_position_embeddings x factor; a larger value is refused)")
+    g.add_argument("--quantization", default=None, choices=["int8"],
+                   help="weight-only int8 at load, one scale per output channel (off by default; GPTQ and AWQ "
+                        "checkpoints are recognized from config.json and need no flag)")
+    g.add_argument("--hf-overrides", type=_json_object, default=None, metavar="JSON",
+                   help="config.json fields to replace, as vLLM's: e.g. '{\"rope_scaling\": {\"rope_type\": \"yarn\", "
+                        "\"factor\": 4.0, \"original_max_position_embeddings\": 32768}}' or '{\"is_causal\": false}'")
     g.add_argument("--max-num-seqs", type=int, default=64, help="sequences per engine step (default: %(default)s)")
     g.add_argument("--max-num-batched-tokens", type=int, default=512,
                    help="tokens per engine step, prefill chunks included (default: %(default)s)")
@@ -147,6 +154,17 @@ def _default_name(path: str) -> str:
     return Path(path).expanduser().resolve().name
 
 
+def _json_object(text: str) -> dict:
+    """--hf-overrides: a JSON object, or a clear argparse error."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object of config.json fields, got {text}")
+    return value
+
+
 def app_args_for_run(args) -> dict:
     if args.name and len(args.name) != len(args.model):
         raise SystemExit(f"qwen2-serve run: give one --name per --model ({len(args.model)} models, "
@@ -157,6 +175,7 @@ def app_args_for_run(args) -> dict:
         models.append({"name": name, "path": path, "tp": args.tp, "dtype": args.dtype, "device": args.device,
                        "kv_cache_memory": args.kv_cache_memory, "block_size": args.block_size,
                        "gpu_memory_fraction": args.gpu_memory_fraction,
+                       "quantization": args.quantization, "hf_overrides": args.hf_overrides,
                        "engine": _engine_options(args), "num_replicas": args.replicas,
                        "torch_threads": _torch_threads(args),
                        "reasoning_parser": getattr(args, "reasoning_parser", None)})

@@ -80,7 +80,8 @@ class Router:
                  engine: dict | None = None, pooled_batch_wait_ms: float = 5.0, pooled_max_batch_size: int = 32,
                  torch_threads: int | None = None, gpu_memory_fraction: float = 0.0, limits: dict | None = None,
                  loras: dict | list | None = None, lora_dir: str | None = None,
-                 max_loras_per_replica: int | None = None):
+                 max_loras_per_replica: int | None = None, quantization: str | None = None,
+                 hf_overrides: dict | None = None):
         import torch
         # Ray sets OMP_NUM_THREADS to the actor's whole CPUs, or 1 for a fractional num_cpus: left
         # alone, a 0.25-CPU Router would run the model on one core of a many-core machine.
@@ -93,12 +94,14 @@ class Router:
 
             executor = RayExecutor(self.model_path, tp=tp, dtype=dtype, device=device,
                                    kv_cache_memory=kv_cache_memory, block_size=block_size,
-                                   gpu_memory_fraction=gpu_memory_fraction, tokenizer_path=self.model_path)
+                                   gpu_memory_fraction=gpu_memory_fraction, tokenizer_path=self.model_path,
+                                   quantization=quantization, hf_overrides=hf_overrides)
         else:
             from qwen2_model.engine.executor import LocalExecutor
             executor = LocalExecutor(self.model_path, dtype=dtype, device=device,
                                      kv_cache_memory=kv_cache_memory, block_size=block_size,
-                                     gpu_memory_fraction=gpu_memory_fraction, tokenizer_path=self.model_path)
+                                     gpu_memory_fraction=gpu_memory_fraction, tokenizer_path=self.model_path,
+                                     quantization=quantization, hf_overrides=hf_overrides)
         known = {f.name for f in dataclasses.fields(EngineConfig)} - {"limits"}
         unknown = set(engine or {}) - known
         if unknown:

@@ -103,7 +103,8 @@ class TPWorker:
 
     def init(self, master_addr: str, master_port: int, model_path: str, dtype: str | None, device: str,
              kv_cache_memory: int, block_size: int, attn_backend: str | None, num_threads: int,
-             gpu_memory_fraction: float = 0.0, tokenizer_path: str | None = None) -> dict:
+             gpu_memory_fraction: float = 0.0, tokenizer_path: str | None = None,
+             load_options: dict | None = None) -> dict:
         import torch.distributed as dist
 
         from qwen2_model.engine.executor import load_runner
@@ -129,7 +130,7 @@ class TPWorker:
         self.runner = load_runner(model_path, dtype, self.device, kv_cache_memory, block_size, gpu_memory_fraction,
                                   attn_backend, ctx=ctx, agree_blocks=agree,
                                   # structured output: the sampling rank holds the matchers and computes the masks
-                                  tokenizer_path=tokenizer_path if self.rank == 0 else None)
+                                  tokenizer_path=tokenizer_path if self.rank == 0 else None, **(load_options or {}))
         self.model = self.runner.model
         self.config = self.model.config
         self.block_size = block_size
@@ -270,12 +271,14 @@ class WorkerGroup:
 
     def start(self, model_path: str, dtype: str | None, device: str, kv_cache_memory: int, block_size: int,
               attn_backend: str | None, timeout_s: float | None = 600.0, gpu_memory_fraction: float = 0.0,
-              tokenizer_path: str | None = None
+              tokenizer_path: str | None = None, load_options: dict | None = None
               ) -> list[dict]:
-        """Rendezvous and load: every rank's info() dict, rank order."""
+        """Rendezvous and load: every rank's info() dict, rank order. `load_options`: the rest of
+        loading.from_pretrained's arguments (quantization, hf_overrides)."""
         addr, port = self.gather([self.actors[0].address.remote()], timeout_s=60.0, what="rendezvous")[0]
         refs = [a.init.remote(addr, port, str(model_path), dtype, device, kv_cache_memory, block_size, attn_backend,
-                              self.num_threads, gpu_memory_fraction, tokenizer_path) for a in self.actors]
+                              self.num_threads, gpu_memory_fraction, tokenizer_path, load_options)
+                for a in self.actors]
         return self.gather(refs, timeout_s=timeout_s, what="start-up")
 
     def call(self, method: str, *args, timeout_s: float | None = None) -> list:
@@ -385,8 +388,10 @@ class RayExecutor:
     def __init__(self, model_path: str | Path, tp: int = 1, dtype: str | None = None, device: str | None = None,
                  kv_cache_memory: int = 256 << 20, block_size: int = 16, attn_backend: str | None = None,
                  cpus_per_worker: int = 1, step_timeout_s: float | None = None, startup_timeout_s: float = 600.0,
-                 gpu_memory_fraction: float = 0.0, tokenizer_path: str | Path | None = None):
+                 gpu_memory_fraction: float = 0.0, tokenizer_path: str | Path | None = None,
+                 quantization: str | None = None, hf_overrides: dict | None = None):
         self.model_path = str(model_path)
+        self.load_options = {"quantization": quantization, "hf_overrides": hf_overrides}
         # Structured output: rank 0 builds its matchers from this tokenizer; the engine validates
         # specs against `self.grammar` (built here, in the engine's process).
         self.tokenizer_path = None if tokenizer_path is None else str(tokenizer_path)
@@ -406,8 +411,8 @@ class RayExecutor:
             raise StartupError(f"tensor_parallel_size must be >= 1, got {tp}")
         if cpus_per_worker < 1:
             raise StartupError(f"cpus_per_worker must be >= 1, got {cpus_per_worker}")
-        self.config = Qwen2Config.from_pretrained(self.model_path)
         try:
+            self.config = Qwen2Config.from_pretrained(self.model_path, overrides=hf_overrides)
             check_tp_split(self.config, tp)
         except ValueError as exc:
             raise StartupError(str(exc)) from None
@@ -435,7 +440,7 @@ class RayExecutor:
         try:
             self.worker_infos = self.group.start(self.model_path, self.dtype, self.device, self.kv_cache_memory,
                                                  self.block_size, self.attn_backend, self.startup_timeout_s,
-                                                 self.gpu_memory_fraction, self.tokenizer_path)
+                                                 self.gpu_memory_fraction, self.tokenizer_path, self.load_options)
         except BaseException:
             self.group.shutdown()
             raise
