@@ -242,9 +242,16 @@ class GenerationMetrics:
         if self.first_token_at is None:
             self.first_token_at = now
             observe("qwen2_time_to_first_token_seconds", now - self.start, self.model)
+        # One observation per token after a choice's first, whatever the batching: a message that
+        # carries k tokens (the engine coalesces outputs when the consumer falls behind) spreads its
+        # gap over its k tokens; tokens that came together with the first token waited 0 s.
         last = self.last_token_at.get(index)
-        if last is not None:
-            observe("qwen2_inter_token_latency_seconds", (now - last) / num_tokens, self.model)
+        if last is None:
+            gaps = [0.0] * (num_tokens - 1)
+        else:
+            gaps = [(now - last) / num_tokens] * num_tokens
+        for gap in gaps:
+            observe("qwen2_inter_token_latency_seconds", gap, self.model)
         self.last_token_at[index] = now
         self.generated += num_tokens
         inc("qwen2_generation_tokens", num_tokens, self.model)

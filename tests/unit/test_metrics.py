@@ -98,12 +98,26 @@ def test_generation_metrics(backend):
     assert backend.total("qwen2_generation_tokens", model="m") == 5
     assert backend.count("qwen2_time_to_first_token_seconds") == 1
     assert backend.last("qwen2_time_to_first_token_seconds") >= 0.25
-    assert backend.count("qwen2_inter_token_latency_seconds") == 2  # choice 0: 2 gaps; choice 1: none
+    # one per token after a choice's first: choice 0 has 4 tokens (the last two in one message), choice 1 one
+    assert backend.count("qwen2_inter_token_latency_seconds") == 3
     assert backend.total("qwen2_requests", finish_reason="length") == 1
     assert backend.total("qwen2_requests", finish_reason="abort") == 1
     assert backend.count("qwen2_e2e_request_latency_seconds") == 1
     assert backend.last("qwen2_request_prompt_tokens") == 7
     assert backend.last("qwen2_request_generation_tokens") == 5
+
+
+def test_inter_token_latency_counts_every_token_of_a_coalesced_message(backend):
+    """The engine coalesces a choice's queued outputs into one message when the consumer falls
+    behind: the histogram still counts tokens - 1 per choice, and the gap is split over the tokens."""
+    rm = GenerationMetrics("m", num_prompt_tokens=3)
+    rm.on_output(0, 3)  # first message: 3 tokens that arrived together -> 2 gaps of 0 s
+    assert backend.count("qwen2_inter_token_latency_seconds") == 2
+    assert backend.last("qwen2_inter_token_latency_seconds") == 0.0
+    rm.last_token_at[0] -= 0.4  # the next message comes 0.4 s later with 4 tokens
+    rm.on_output(0, 4)
+    assert backend.count("qwen2_inter_token_latency_seconds") == 6
+    assert 0.1 <= backend.last("qwen2_inter_token_latency_seconds") < 0.2
 
 
 def test_generation_metrics_failed_before_prefill(backend):
