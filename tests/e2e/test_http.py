@@ -368,13 +368,28 @@ def test_classify_tokens(http, serve_app):
 
 
 def test_answer(http, serve_app):
-    context = "The Eiffel Tower is in Paris. It was finished in 1889."
-    r = http.post("/v1/answer", json={"model": serve_app.qa_model, "question": "Where is it?", "context": context})
+    """The span equals the brute-force best span of transformers' own QA model on the same checkpoint."""
+    import torch
+    transformers = pytest.importorskip("transformers")
+    from qwen2_model.tokenizer import Qwen2Tokenizer
+
+    context, question = "The Eiffel Tower is in Paris. It was finished in 1889.", "Where is it?"
+    r = http.post("/v1/answer", json={"model": serve_app.qa_model, "question": question, "context": context})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert 0 <= body["start"] <= body["end"] <= len(context)
-    assert body["answer"] == context[body["start"]:body["end"]] and body["answer"]
-    assert 0 < body["score"] <= 1
+    path = serve_app.checkpoints[serve_app.qa_model]
+    tok = Qwen2Tokenizer.from_pretrained(path)
+    q_ids = tok.encode(question)
+    c_ids, offsets = tok.encode_with_offsets(context)
+    model = transformers.AutoModelForQuestionAnswering.from_pretrained(path, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = model(torch.tensor([q_ids + c_ids]))
+    ps = out.start_logits[0, len(q_ids):].double().softmax(-1).tolist()  # context positions only
+    pe = out.end_logits[0, len(q_ids):].double().softmax(-1).tolist()
+    score, i, j = max((ps[i] * pe[j], i, j) for i in range(len(c_ids)) for j in range(i, min(len(c_ids), i + 30)))
+    assert (body["start"], body["end"]) == (offsets[i][0], offsets[j][1]), (body, context[offsets[i][0]:offsets[j][1]])
+    assert body["answer"] == context[body["start"]:body["end"]]
+    assert body["score"] == pytest.approx(score, rel=1e-3)
 
 
 def test_embeddings(client, serve_app):

@@ -12,15 +12,16 @@ from qwen2_model.engine.paged_attention import PagedKVCache
 from qwen2_model.engine.model_runner import PooledInput
 from qwen2_model.engine.sampling import SamplingParams
 from qwen2_model.testing import write_random_checkpoint
+from tests.helpers import assert_greedy_varies
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    # A sliding window on the second layer, so paged attention's window path is exercised too.
-    return write_random_checkpoint(tmp_path_factory.mktemp("ck"), num_hidden_layers=2, use_sliding_window=True,
-                                   sliding_window=24, max_window_layers=1, seed=3)
+def checkpoint(checkpoints):
+    # A sliding window on the second layer, so paged attention's window path is exercised too. Weights
+    # scaled (tests/helpers.py) so greedy output varies and "batched equals alone" would catch a swap.
+    return checkpoints(num_hidden_layers=2, use_sliding_window=True, sliding_window=24, max_window_layers=1, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +39,10 @@ def small_executor(checkpoint, executor, num_blocks: int) -> LocalExecutor:
     per_block = PagedKVCache.bytes_per_block(cfg.num_hidden_layers, 16, cfg.num_key_value_heads, cfg.head_dim,
                                              torch.float32)
     return LocalExecutor(checkpoint, kv_cache_memory=num_blocks * per_block)
+
+
+def test_the_checkpoint_greedy_output_varies(executor):
+    assert_greedy_varies(Engine(executor))
 
 
 def random_prompts(n, seed=0, lo=3, hi=90):
