@@ -13,7 +13,10 @@ The linear calls `quant(x, bias)`; LoRA deltas and all-reduces stay in the linea
     contiguous, and the input is permuted the same way at each call.
   - `int8`: `_weight_int8pack_mm` for 8-bit per-channel weights with a symmetric zero (q - 128).
   - `dequant`: the float weight in the model dtype (any bits, group size, zero point; most memory).
-  `kernel="auto"` picks `int4` / `int8` where they fit (CPU, shapes the kernel accepts), else `dequant`.
+  `kernel="auto"` picks `int4` / `int8` where they fit (CPU, bfloat16 compute, shapes the kernel
+  accepts), else `dequant`: with float32 activations torch's packed CPU kernels measured several times
+  slower than a float32 matmul here (benchmarks/README.md), so they are only chosen for bf16 or forced
+  with `kernel="packed"`.
 - `Int8Weight` (`--quantization int8`): a float weight quantized at load to int8, one scale per output
   channel (max |w| / 127), computed with `_weight_int8pack_mm`.
 """
@@ -196,6 +199,8 @@ class PackedWeight(QuantizedWeight):
     def finalize(self) -> None:
         q, zeros, scales, g_idx = self.unpacked()
         kernel = self.kernel_choice
+        if kernel == "auto" and self.dtype != torch.bfloat16:
+            kernel = "dequant"  # the packed CPU kernels are slow with float32 activations
         on_cpu = q.device.type == "cpu"
         if kernel in ("auto", "packed") and on_cpu and self.bits == 4:
             self.kernel = Int4Kernel.build(q, zeros, scales, g_idx, self.dtype)

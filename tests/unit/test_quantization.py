@@ -73,7 +73,7 @@ CASES = {
     "awq-g32": dict(method="awq", bits=4, group_size=32, sym=False),
     "awq-g128": dict(method="awq", bits=4, group_size=128, sym=False),
 }
-# what kernel="auto" picks on CPU for each case
+# the packed kernel of each case (8-bit with groups has none: dequant)
 AUTO_KERNEL = {"gptq8-g64": "DequantKernel", "gptq8-g32-act": "DequantKernel", "gptq8-perchannel": "Int8Kernel"}
 
 
@@ -102,7 +102,11 @@ def test_quantized_logits_match_dequantized_transformers(quantized, case):
     ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expected = ref(input_ids=ids).logits
-    for kernel in ("dequant", "auto"):
+    for kernel in ("dequant", "packed"):
+        if kernel == "packed" and AUTO_KERNEL.get(case) == "DequantKernel":
+            with pytest.raises(CheckpointError, match="no packed CPU kernel for gptq 8-bit"):
+                from_pretrained(path, quant_kernel=kernel)
+            continue
         model = from_pretrained(path, quant_kernel=kernel)
         assert kernels_of(model) == {"DequantKernel" if kernel == "dequant" else AUTO_KERNEL.get(case, "Int4Kernel")}
         with torch.no_grad():
@@ -110,6 +114,12 @@ def test_quantized_logits_match_dequantized_transformers(quantized, case):
         prompt = ids[0, :5].tolist()
         assert greedy_generate(model, prompt, 12) == ref.generate(
             torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, 5:].tolist()
+
+
+def test_auto_kernel_is_packed_only_for_bf16_compute(quantized):
+    path, _ = quantized("gptq4-g32")
+    assert kernels_of(from_pretrained(path, dtype="float32")) == {"DequantKernel"}
+    assert kernels_of(from_pretrained(path, dtype="bfloat16")) == {"Int4Kernel"}
 
 
 def test_packed_kernels_hold_less_memory_than_dequantized(quantized):
