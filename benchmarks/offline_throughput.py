@@ -78,7 +78,8 @@ def ensure_checkpoint(path: str, dtype: str = "float32") -> Path:
 # --- systems --------------------------------------------------------------------------------------
 
 def build_engine(ckpt: Path, args) -> Engine:
-    executor = LocalExecutor(ckpt, dtype=args.dtype, device="cpu", kv_cache_memory=args.kv_cache_memory)
+    executor = LocalExecutor(ckpt, dtype=args.dtype, device="cpu", kv_cache_memory=args.kv_cache_memory,
+                             linear_kernel=args.linear_kernel)
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           enable_prefix_caching=False)  # random prompts share nothing; keep it honest
     return Engine(executor, config)
@@ -186,23 +187,9 @@ class StepProfiler:
         self.wrap(runner, "execute", "executor")
         self.wrap(engine.scheduler, "schedule", "schedule")
         # inside attention: the ops, via torch functions the attention module calls
-        if hasattr(paged_attention, "gather_slots"):  # the KV gather as a function (index_select)
-            self.wrap(paged_attention, "gather_slots", "kv_gather")
+        self.wrap(paged_attention, "gather_blocks", "kv_gather")  # the KV gather (index_select of whole blocks)
         self.wrap(torch.nn.functional, "scaled_dot_product_attention", "sdpa")
         self.wrap(torch.Tensor, "index_copy_", "cache_write")
-        orig_getitem = torch.Tensor.__getitem__
-        cur = self.cur
-
-        def getitem(x, idx):
-            s = time.perf_counter()
-            try:
-                return orig_getitem(x, idx)
-            finally:
-                # the KV gathers: a cache tensor [slots, Hkv, D] indexed by a long slot tensor
-                if isinstance(idx, torch.Tensor) and idx.dtype == torch.long and x.dim() == 3 and x.shape[0] > 4096:
-                    cur["kv_gather"] += time.perf_counter() - s
-        self._patches.append((torch.Tensor, "__getitem__", orig_getitem))
-        torch.Tensor.__getitem__ = getitem
         orig_step = engine.step
 
         def step():
@@ -233,7 +220,7 @@ class StepProfiler:
                 ("    decoder forward", "decoder", None),
                 ("      linear layers (qkv,o,gate_up,down)", "linear", None),
                 ("      attention (PagedAttentionBatch)", "attention", None),
-                ("        KV gather k_cache[slots]", "kv_gather", None),
+                ("        KV gather (blocks)", "kv_gather", None),
                 ("        SDPA", "sdpa", None),
                 ("        cache write index_copy_", "cache_write", None),
                 ("        rest (q gather, masks, scatter)", None, ("attention", ["kv_gather", "sdpa", "cache_write"])),
@@ -275,7 +262,9 @@ class _Printing(dict):
 @torch.inference_mode()
 def run_microprofile(engine: Engine, batch_seqs: int, context: int) -> None:
     """One decode step of `batch_seqs` sequences at `context` tokens each, split into its parts (min of N)."""
-    from qwen2_model.engine.paged_attention import PagedAttentionBatch, SeqSlice
+    from qwen2_model.engine.paged_attention import PagedAttentionBatch, SeqSlice, gather_blocks
+    from qwen2_model.kernels import add_rms_norm
+    from qwen2_model.layers import apply_rotary_qk
     runner = engine.executor.runner
     dec, cache, bs = runner.decoder, runner.cache, engine.blocks.block_size
     per_seq = -(-context // bs)
@@ -288,47 +277,37 @@ def run_microprofile(engine: Engine, batch_seqs: int, context: int) -> None:
     batch = PagedAttentionBatch(cache, slices, "cpu")
     x = torch.randn(B, E, dtype=dec.dtype)
     q, k, v = (torch.randn(B, h, D, dtype=dec.dtype) for h in (Hq, Hkv, Hkv))
-    slots, _, rows = batch._decode_meta
+    qk = torch.randn(B, Hq + Hkv, D, dtype=dec.dtype)
+    tables, _, rows = batch._decode_meta
     kc = cache.keys[0]
     mask = batch._decode_mask(None)
     qd = q.view(B, Hkv, Hq // Hkv, D)
-    kd, vd = kc[slots].transpose(1, 2), kc[slots].transpose(1, 2)
+    kd = gather_blocks(kc, tables, bs).transpose(1, 2)
     mlp, lay = dec.layers[0].mlp, dec.layers[0]
     h1 = torch.randn(B, mlp.down_proj.in_local, dtype=dec.dtype)
+    gu = torch.randn(B, 2 * mlp.down_proj.in_local, dtype=dec.dtype)
     logits = runner.model.compute_logits(x)
-    out = torch.empty_like(q)
+    cos, sin = dec.rotary_emb(positions, dec.dtype)
     r = _Printing()
     print(f"micro-profile: one decode step, {B} sequences x {L} context tokens, {layers} layers, "
-          f"min of N, ms per step (components x {layers} layers):", flush=True)
+          f"linear kernel {runner.linear_kernel}, {dec.dtype}, min of N, ms per step (components x {layers} layers):",
+          flush=True)
     r["step: decoder forward_tokens (all layers)"] = _best(lambda: dec.forward_tokens(tokens, positions, batch), 3)
     r["  linears: qkv_proj"] = layers * _best(lambda: attn.qkv_proj(x))
     r["  linears: o_proj"] = layers * _best(lambda: attn.o_proj(x))
     r["  linears: gate_up_proj"] = layers * _best(lambda: mlp.gate_up_proj(x))
     r["  linears: down_proj"] = layers * _best(lambda: mlp.down_proj(h1))
     r["  attention: attend() total"] = layers * _best(lambda: batch.attend(0, q, k, v, None, attn.scale))
-    r["    KV gather k_cache[slots] + v_cache[slots] (indexing)"] = layers * 2 * _best(lambda: kc[slots])
+    r["    KV gather, whole blocks (k+v)"] = layers * 2 * _best(lambda: gather_blocks(kc, tables, bs))
     r["    SDPA (bool mask, GQA in seq dim)"] = layers * _best(lambda: torch.nn.functional.scaled_dot_product_attention(
-        qd, kd, vd, attn_mask=mask, scale=attn.scale))
+        qd, kd, kd, attn_mask=mask, scale=attn.scale))
     r["    cache write index_copy_ (k+v)"] = layers * 2 * _best(lambda: kc.index_copy_(0, batch.slot_mapping, k))
-    r["    q[rows] gather + out[rows] scatter"] = layers * (_best(lambda: q[rows]) + _best(lambda: out.__setitem__(rows, q)))
-    r["  norms x2 (RMSNorm)"] = layers * 2 * _best(lambda: lay.input_layernorm(x))
-    r["  rotary apply"] = layers * _best(lambda: __import__("qwen2_model.layers", fromlist=["x"]).apply_rotary(
-        q, k, *dec.rotary_emb(positions, dec.dtype)))
-    r["  SiLU*up"] = layers * _best(lambda: torch.nn.functional.silu(h1) * h1)
+    r["  residual add + RMSNorm x2"] = layers * 2 * _best(lambda: add_rms_norm(x.clone(), x, lay.input_layernorm.weight, 1e-6))
+    r["  rotary (q and k together)"] = layers * _best(lambda: apply_rotary_qk(qk, cos, sin))
+    r["  SiLU*up (in place)"] = layers * _best(lambda: torch.nn.functional.silu(gu[:, :h1.shape[1]]).mul_(gu[:, h1.shape[1]:]))
     r["LM head (tied, 151936 x 896)"] = _best(lambda: runner.model.compute_logits(x))
-    r["sampling (greedy argmax + tolist)"] = _best(lambda: logits.argmax(-1).tolist())
+    r["sampling (greedy max + tolist)"] = _best(lambda: logits.max(-1).indices.tolist())
     r["build PagedAttentionBatch (slot tables)"] = _best(lambda: PagedAttentionBatch(cache, slices, "cpu"))
-    # alternatives, to size the gains
-    flat = slots.reshape(-1)
-    r["alt: index_select gather (k+v)"] = layers * 2 * _best(lambda: kc.index_select(0, flat).view(B, -1, Hkv, D))
-    kexp = kd[:, :, None].expand(B, Hkv, Hq // Hkv, L, D).reshape(B, Hq, L, D)
-    r["alt: SDPA without mask (equal lengths)"] = layers * _best(lambda: torch.nn.functional.scaled_dot_product_attention(
-        qd, kd, vd, scale=attn.scale))
-    r["alt: SDPA q [B,Hq,1,D], expanded KV, mask"] = layers * _best(lambda: torch.nn.functional.scaled_dot_product_attention(
-        q.view(B, Hq, 1, D), kexp, kexp, attn_mask=mask, scale=attn.scale))
-    r["alt: matmul attention (bmm softmax bmm), fp32 softmax"] = layers * _best(lambda: torch.matmul(
-        torch.softmax((torch.matmul(qd, kd.transpose(-1, -2)) * attn.scale).float().masked_fill(~mask, float("-inf")), -1)
-        .to(qd.dtype), vd))
 
 
 def run_profile(engine: Engine, work, torch_profile: str | None) -> None:
@@ -377,6 +356,8 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-cache-memory", type=int, default=1 << 30, help="bytes of KV cache for the engine")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     ap.add_argument("--dtype", default="float32", help="compute dtype of both systems (the checkpoint is float32)")
+    ap.add_argument("--linear-kernel", default="auto", choices=["auto", "packed", "plain"],
+                    help="the engine's linear kernel path (qwen2_model/kernels.py)")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--profile", action="store_true",
                     help="instead of the comparison: run the engine alone with per-step timers and print the split")

@@ -106,9 +106,20 @@ class RotaryEmbedding(nn.Module):
             if self.rope_type == "linear":
                 inv_freq = inv_freq / config.rope_scaling["factor"]
         self.inv_freq = inv_freq  # [D/2] float32; a plain attribute, moved with `to_device`
+        self._tables: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}  # dtype -> cos, sin [N, D]
 
     def to_device(self, device) -> None:
         self.inv_freq = self.inv_freq.to(device)
+        self._tables.clear()
+
+    def _table(self, size: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for positions 0..size-1 (at least), built once and grown by doubling."""
+        table = self._tables.get(dtype)
+        if table is None or table[0].shape[0] < size:
+            n = max(1024, 1 << (size - 1).bit_length())
+            table = self._compute(torch.arange(n, device=self.inv_freq.device), self.inv_freq, dtype)
+            self._tables[dtype] = table
+        return table
 
     def _inv_freq_for(self, max_position: int) -> torch.Tensor:
         if self.rope_type != "dynamic" or max_position + 1 <= self.config.max_position_embeddings:
@@ -119,13 +130,23 @@ class RotaryEmbedding(nn.Module):
         base = self.config.rope_theta * ((factor * seq_len / max_pos) - (factor - 1)) ** (self.dim / (self.dim - 2))
         return _default_inv_freq(base, self.dim).to(self.inv_freq.device)
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        max_position = int(positions.max()) if self.rope_type == "dynamic" and positions.numel() else 0
-        freqs = positions.float()[..., None] * self._inv_freq_for(max_position)  # [..., D/2]
+    def _compute(self, positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+        freqs = positions.float()[..., None] * inv_freq  # [..., D/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [..., D]
         cos = emb.cos() * self.attention_scaling
         sin = emb.sin() * self.attention_scaling
         return cos.to(dtype), sin.to(dtype)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [..., D] for `positions` [...]."""
+        if self.rope_type == "dynamic" or positions.device.type != "cpu" or not positions.numel():
+            # dynamic NTK depends on the batch's longest position; on GPUs the max() would sync
+            max_position = int(positions.max()) if self.rope_type == "dynamic" and positions.numel() else 0
+            return self._compute(positions, self._inv_freq_for(max_position), dtype)
+        # A table row is the same expression on the same float inputs, so the values are identical
+        # bit for bit; the step gathers its rows instead of recomputing cos/sin (two ops, not six).
+        cos, sin = self._table(int(positions.max()) + 1, dtype)
+        return cos[positions], sin[positions]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -137,6 +158,13 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     """q: [T, Hq, D], k: [T, Hkv, D], cos/sin: [T, D]."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [T, 1, D]
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def apply_rotary_qk(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on q and k heads at once: qk [T, Hq + Hkv, D] (a view into the fused qkv output) -> a new
+    contiguous [T, Hq + Hkv, D]. The same expression as `apply_rotary`, so the same values, in half the ops."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [T, 1, D]
+    return qk * cos + rotate_half(qk) * sin
 
 
 # --- attention backends ---------------------------------------------------------------------------

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Qwen2Config
-from .layers import DenseAttention, Qwen2RMSNorm, RotaryEmbedding, apply_rotary
+from .kernels import add_rms_norm
+from .layers import DenseAttention, Qwen2RMSNorm, RotaryEmbedding, apply_rotary_qk
 from .parallel import (SINGLE, ColumnParallelLinear, ParallelContext, ParallelLMHead, ReplicatedLinear,
                        RowParallelLinear, VocabParallelEmbedding)
 
@@ -67,10 +68,9 @@ class Qwen2Attention(nn.Module):
         T = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) * D] local heads
         q_len, kv_len = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q = qkv[:, :q_len].view(T, self.num_heads, self.head_dim)
-        k = qkv[:, q_len:q_len + kv_len].view(T, self.num_kv_heads, self.head_dim)
+        qk = apply_rotary_qk(qkv[:, :q_len + kv_len].view(T, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin)
+        q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]  # [T, Hq, D], [T, Hkv, D]
         v = qkv[:, q_len + kv_len:].reshape(T, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, k, cos, sin)
         out = batch.attend(self.layer_idx, q, k, v, self.sliding_window, self.scale)  # [T, Hq, D]
         return self.o_proj(out.reshape(T, q_len))
 
@@ -85,7 +85,7 @@ class Qwen2MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, inter/tp] each
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(gate).mul_(up))  # in place: one [T, inter/tp] temporary, not two
 
 
 class Qwen2DecoderLayer(nn.Module):
@@ -96,9 +96,16 @@ class Qwen2DecoderLayer(nn.Module):
         self.input_layernorm = Qwen2RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device="meta")
         self.post_attention_layernorm = Qwen2RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device="meta")
 
-    def forward(self, x, cos, sin, batch):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos, sin, batch):
+        """x: the previous layer's MLP output (the embeddings for layer 0, with residual None);
+        residual: the residual stream before it. Returns (this layer's MLP output, residual stream).
+        The residual adds happen in place inside the norms (kernels.add_rms_norm): the same sums,
+        with no new [T, E] tensor per add."""
+        h, residual = add_rms_norm(x, residual, self.input_layernorm.weight, self.input_layernorm.variance_epsilon)
+        h = self.self_attn(h, cos, sin, batch)
+        h, residual = add_rms_norm(h, residual, self.post_attention_layernorm.weight,
+                                   self.post_attention_layernorm.variance_epsilon)
+        return self.mlp(h), residual
 
 
 class Qwen2Model(nn.Module):
@@ -126,9 +133,10 @@ class Qwen2Model(nn.Module):
         """token_ids, positions: [T] -> hidden [T, E]."""
         x = self.embed_tokens(token_ids)
         cos, sin = self.rotary_emb(positions, x.dtype)  # [T, D]
+        residual = None
         for layer in self.layers:
-            x = layer(x, cos, sin, batch)
-        return self.norm(x)
+            x, residual = layer(x, residual, cos, sin, batch)
+        return add_rms_norm(x, residual, self.norm.weight, self.norm.variance_epsilon)[0]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -24,6 +24,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
+
 
 @dataclass(frozen=True)
 class ParallelContext:
@@ -70,6 +72,39 @@ def _check_shape(name: str, got: tuple[int, ...], expected: tuple[int, ...]) -> 
         raise ShapeMismatch(f"{name}: checkpoint shape {list(got)} does not match the model's {list(expected)}")
 
 
+class LinearKernelMixin:
+    """The matmul seam of the parallel linears: `matmul(x)` is x W^T (+ b) on whichever kernel path.
+
+    Default: `F.linear` on the plain [out, in] weight; a `quant` object (qwen2_model/quantization)
+    computes it itself. `prepack()` (kernels.py) moves the layer onto a oneDNN-packed copy of the
+    weight and, unless `keep_plain`, releases the plain weight's storage: `weight` becomes a
+    zero-stride view of one element, with the same shape, dtype and device for code that asks (LoRA
+    sizes its slots from it) and no memory. A layer whose weight cannot be packed (quantized, another
+    dtype or device, or a subclass with its own matmul) says so by returning False.
+    """
+
+    packed: torch.Tensor | None = None
+    # `quant` (a QuantizedWeight, an nn.Module) is read with getattr: a class attribute here would
+    # shadow nn.Module's lookup of the registered submodule.
+
+    def prepack(self, keep_plain: bool = False) -> bool:
+        w = self.weight
+        if self.packed is not None or getattr(self, "quant", None) is not None or w is None or w.dim() != 2 or w.device.type != "cpu" \
+                or w.dtype not in kernels.PACKABLE_DTYPES or type(self).matmul is not LinearKernelMixin.matmul:
+            return False
+        self.out_features_local = w.shape[0]
+        self.packed = kernels.pack_weight(w)
+        if not keep_plain:
+            w.data = torch.zeros(1, dtype=w.dtype, device=w.device).expand(w.shape)
+        return True
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        bias, quant = getattr(self, "bias", None), getattr(self, "quant", None)
+        if quant is not None:
+            return quant(x, bias)
+        return kernels.linear(x, self.weight, bias, self.packed, getattr(self, "out_features_local", 0))
+
+
 class ReplicatedLinear(nn.Linear):
     """A small linear kept whole on every rank (classification heads)."""
 
@@ -85,7 +120,7 @@ class ReplicatedLinear(nn.Linear):
         return {("weight", None)} | ({("bias", None)} if self.bias is not None else set())
 
 
-class ColumnParallelLinear(nn.Module):
+class ColumnParallelLinear(LinearKernelMixin, nn.Module):
     """y = x W^T + b with W's output rows split across ranks; output stays sharded.
 
     `sizes` lists the logical sub-matrices stacked in this one weight (q, k, v or gate, up), each
@@ -115,10 +150,7 @@ class ColumnParallelLinear(nn.Module):
     lora = None  # LoRA delta hook (qwen2_model/lora.py): called with (x, y) after the base matmul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.quant is not None:
-            y = self.quant(x, self.bias)  # [..., out_local]
-        else:
-            y = F.linear(x, self.weight, self.bias)  # [..., out_local]
+        y = self.matmul(x)  # [..., out_local]
         return y if self.lora is None else self.lora(x, y)
 
     def layout(self):
@@ -157,7 +189,7 @@ class ColumnParallelLinear(nn.Module):
         return {(p, s) for p in _weight_params(self)[1] for s in self.local_sizes}
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(LinearKernelMixin, nn.Module):
     """y = all_reduce(x_local W_local^T): W's input columns split across ranks."""
 
     def __init__(self, in_features: int, out_features: int, ctx: ParallelContext, dtype=None):
@@ -173,7 +205,7 @@ class RowParallelLinear(nn.Module):
     lora = None  # LoRA delta hook (qwen2_model/lora.py): its partial delta joins the all-reduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.quant(x, None) if self.quant is not None else F.linear(x, self.weight)
+        y = self.matmul(x)
         return self.ctx.all_reduce(y if self.lora is None else self.lora(x, y))
 
     def layout(self):
@@ -235,7 +267,7 @@ class VocabParallelEmbedding(nn.Module):
         return {("weight", None)}
 
 
-class ParallelLMHead(nn.Module):
+class ParallelLMHead(LinearKernelMixin, nn.Module):
     """LM head over a vocab-parallel weight: local logits, gathered to the full vocabulary.
 
     With tied embeddings it holds no weight of its own and uses the embedding's shard.
@@ -254,7 +286,13 @@ class ParallelLMHead(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.embedding[0].weight if self.tied else self.own.weight
 
+    bias = None
+
+    def prepack(self, keep_plain: bool = False) -> bool:
+        # A tied head shares the embedding table, which the lookups still read: keep it plain too.
+        return super().prepack(keep_plain=keep_plain or self.tied)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)  # [N, vocab/tp]
+        logits = self.matmul(hidden)  # [N, vocab/tp]
         logits = self.ctx.all_gather_last_dim(logits)  # [N, tp * vocab/tp]
         return logits[..., : self.vocab_size]

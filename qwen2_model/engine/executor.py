@@ -59,15 +59,17 @@ def load_runner(model_path: str | Path, dtype: str | None = None, device: str | 
                 kv_cache_memory: int = 256 << 20, block_size: int = 16, gpu_memory_fraction: float = 0.0,
                 attn_backend: str | None = None, ctx: ParallelContext = SINGLE,
                 agree_blocks: Callable[[int], int] | None = None,
-                tokenizer_path: str | Path | None = None, **load_options) -> ModelRunner:
+                tokenizer_path: str | Path | None = None, linear_kernel: str | None = "auto",
+                **load_options) -> ModelRunner:
     """Load the checkpoint (this rank's share under `ctx`), size its KV cache and build its runner.
 
     Only a causal LM gets KV blocks (and, with `tokenizer_path`, structured output). `agree_blocks`
     lets tensor-parallel ranks settle on one count (every rank must index the same blocks: the
     smallest wins). Rank 0 is the sampling rank. `load_options`: the rest of loading.from_pretrained's
-    (quantization, hf_overrides, quant_kernel).
+    (quantization, hf_overrides, quant_kernel). dtype None means "auto" (hardware.py's choice, logged);
+    `linear_kernel`: kernels.choose_linear_kernel.
     """
-    model = from_pretrained(model_path, dtype=dtype, device=device, ctx=ctx, attn_backend=attn_backend,
+    model = from_pretrained(model_path, dtype=dtype or "auto", device=device, ctx=ctx, attn_backend=attn_backend,
                             **load_options)
     blocks, grammar = 0, None
     if is_generative(type(model).__name__):
@@ -79,7 +81,7 @@ def load_runner(model_path: str | Path, dtype: str | None = None, device: str | 
     if agree_blocks is not None:
         blocks = agree_blocks(blocks)
     return ModelRunner(model, model.config.eos_token_ids, blocks, block_size, is_sampler=(ctx.rank == 0),
-                       grammar=grammar)
+                       grammar=grammar, linear_kernel=linear_kernel)
 
 
 class LocalExecutor:
@@ -88,12 +90,15 @@ class LocalExecutor:
     def __init__(self, model_path: str | Path, dtype: str | None = "auto", device: str = "cpu",
                  kv_cache_memory: int = 256 << 20, block_size: int = 16, gpu_memory_fraction: float = 0.0,
                  attn_backend: str | None = None, tokenizer_path: str | Path | None = None,
-                 quantization: str | None = None, hf_overrides: dict | None = None, quant_kernel: str = "auto"):
+                 quantization: str | None = None, hf_overrides: dict | None = None, quant_kernel: str = "auto",
+                 linear_kernel: str | None = "auto"):
         """`tokenizer_path`: the checkpoint's tokenizer, for structured output (None: no structured output).
-        `quantization` ("int8"), `hf_overrides` (config.json fields), `quant_kernel`: see loading.from_pretrained."""
+        `quantization` ("int8"), `hf_overrides` (config.json fields), `quant_kernel`: see loading.from_pretrained.
+        `linear_kernel`: the float linears' kernel path (kernels.choose_linear_kernel)."""
         self.runner = load_runner(model_path, dtype or "auto", device, kv_cache_memory, block_size,
                                   gpu_memory_fraction, attn_backend, tokenizer_path=tokenizer_path,
-                                  quantization=quantization, hf_overrides=hf_overrides, quant_kernel=quant_kernel)
+                                  quantization=quantization, hf_overrides=hf_overrides, quant_kernel=quant_kernel,
+                                  linear_kernel=linear_kernel)
         self.model = self.runner.model
         self.dtype_choice = self.model.dtype_choice  # compute dtype and why (shown in /v1/models)
         self.config = self.model.config

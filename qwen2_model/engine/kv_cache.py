@@ -3,4 +3,4 @@ the prefix cache) and paged_attention.py (worker-side K/V tensors and paged atte
 those; this module only re-exports their names for code written before the split."""
 
 from .block_manager import BlockManager, NoFreeBlocks, block_hash  # noqa: F401
-from .paged_attention import PagedAttentionBatch, PagedKVCache, SeqSlice, gather_slots  # noqa: F401
+from .paged_attention import PagedAttentionBatch, PagedKVCache, SeqSlice, gather_blocks  # noqa: F401

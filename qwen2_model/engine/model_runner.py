@@ -10,15 +10,19 @@ leave the process.
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass, field
 
 import torch
 
+from ..kernels import choose_linear_kernel, prepack_model
 from ..modeling import Qwen2ForCausalLM, base_model
 from ..tasks import EMBED, task_of
 from .paged_attention import PagedAttentionBatch, PagedKVCache, SeqSlice
 from .sampling import Sampler, SamplingParams, SequenceSamplingState, TokenLogprob, make_generator, token_logprobs
 from .structured_output import GrammarBackend, GrammarBatch
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -65,11 +69,18 @@ class PooledInput:
 
 
 class ModelRunner:
+    """linear_kernel: "auto" (oneDNN-packed weights on CPU for fp32/bf16, kernels.py), "packed" or "plain"."""
+
     def __init__(self, model: torch.nn.Module, eos_token_ids: list[int], num_kv_blocks: int = 0,
-                 block_size: int = 16, is_sampler: bool = True, grammar: GrammarBackend | None = None):
+                 block_size: int = 16, is_sampler: bool = True, grammar: GrammarBackend | None = None,
+                 linear_kernel: str | None = "auto"):
         self.model = model
         self.decoder = base_model(model)
         self.device = self.decoder.embed_tokens.weight.device
+        self.linear_kernel = choose_linear_kernel(linear_kernel, self.device, self.decoder.dtype)
+        if self.linear_kernel == "packed":
+            packed = prepack_model(model)
+            logger.info("linear kernel: oneDNN-packed weights (%d layers)", packed)
         self.eos_token_ids = eos_token_ids
         self.is_sampler = is_sampler
         self.sampler = Sampler()

@@ -41,55 +41,64 @@ class SeqSlice:
     block_table: list[int]
 
 
-def gather_slots(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """cache [N, Hkv, D] rows at `slots` (any shape) -> [*slots.shape, Hkv, D].
+def gather_blocks(cache: torch.Tensor, tables: torch.Tensor, block_size: int) -> torch.Tensor:
+    """cache [N * bs, Hkv, D], block tables [B, nb] -> [B, nb * bs, Hkv, D]: whole blocks, in table order.
 
-    index_select on the flattened indices is ~3x faster on CPU than advanced indexing `cache[slots]`.
+    One index per block instead of one per token (16x fewer), each a contiguous bs x Hkv x D run.
     """
-    return cache.index_select(0, slots.reshape(-1)).view(*slots.shape, *cache.shape[1:])
+    blocks = cache.view(-1, block_size, *cache.shape[1:])  # [N, bs, Hkv, D]
+    B, nb = tables.shape
+    return blocks.index_select(0, tables.reshape(-1)).view(B, nb * block_size, *cache.shape[1:])
 
 
 class PagedAttentionBatch:
-    """`attend` for one engine step over a PagedKVCache."""
+    """`attend` for one engine step over a PagedKVCache.
+
+    The step's index tensors are built once here, vectorized, and shared by every layer: the slot of
+    each new token (from the padded block tables, not a Python loop over tokens), and for the
+    decodes the block tables cut to the longest context, their lengths and their rows in the batch.
+    """
 
     def __init__(self, cache: PagedKVCache, seqs: list[SeqSlice], device):
         self.cache = cache
-        bs = cache.block_size
-        self.slot_mapping = torch.tensor(
-            [seq.block_table[p // bs] * bs + p % bs
-             for seq in seqs for p in range(seq.context_len - seq.count, seq.context_len)],
-            dtype=torch.long, device=device)  # [T] where each new token's K/V goes
-        self.decodes = [s for s in seqs if s.count == 1]
-        self.prefills = [s for s in seqs if s.count > 1]
         self.device = device
+        bs = cache.block_size
+        width = max((len(s.block_table) for s in seqs), default=0)
+        # [S, nb]: every sequence's block table, padded with block 0 (never read: masked or cut off)
+        self.tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs],
+                                   dtype=torch.long, device=device).view(len(seqs), width)
+        counts = torch.tensor([s.count for s in seqs], dtype=torch.long, device=device)  # [S]
+        first = torch.tensor([s.context_len - s.count for s in seqs], dtype=torch.long, device=device)  # [S]
+        seq_of = torch.repeat_interleave(torch.arange(len(seqs), device=device), counts)  # [T]
+        # position of each new token: its sequence's first new position + its offset among them
+        offset = torch.arange(seq_of.shape[0], device=device) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+        pos = first[seq_of] + offset  # [T]
+        self.slot_mapping = self.tables[seq_of, pos // bs] * bs + pos % bs  # [T] where each new token's K/V goes
+        self.decode_idx = [i for i, s in enumerate(seqs) if s.count == 1]
+        self.decodes = [seqs[i] for i in self.decode_idx]
+        self.prefill_idx = [i for i, s in enumerate(seqs) if s.count > 1]
+        self.prefills = [seqs[i] for i in self.prefill_idx]
         self._decode_meta = self._build_decode_meta() if self.decodes else None
-        self._prefill_slots: dict[int, torch.Tensor] = {}  # built on first use: fresh chunks need none
         self._masks: dict[tuple, torch.Tensor] = {}
 
-    def _slots(self, seq: SeqSlice) -> torch.Tensor:
-        bs = self.cache.block_size
-        table = torch.tensor(seq.block_table, dtype=torch.long, device=self.device)
-        pos = torch.arange(seq.context_len, device=self.device)
-        return table[pos // bs] * bs + pos % bs  # [L]
-
     def _build_decode_meta(self):
+        bs = self.cache.block_size
         max_len = max(s.context_len for s in self.decodes)
-        slots = torch.zeros(len(self.decodes), max_len, dtype=torch.long, device=self.device)
-        for i, s in enumerate(self.decodes):
-            slots[i, :s.context_len] = self._slots(s)
+        idx = torch.tensor(self.decode_idx, dtype=torch.long, device=self.device)
+        tables = self.tables.index_select(0, idx)[:, :-(-max_len // bs)]  # [B, ceil(Lmax / bs)]
         lengths = torch.tensor([s.context_len for s in self.decodes], device=self.device)
         rows = torch.tensor([s.start for s in self.decodes], device=self.device)
-        return slots, lengths, rows  # [B, Lmax], [B], [B]
+        return tables, lengths, rows  # [B, nb], [B], [B]
 
     def _decode_mask(self, window: int | None) -> torch.Tensor:
         key = ("decode", window)
         if key not in self._masks:
-            slots, lengths, _ = self._decode_meta
-            pos = torch.arange(slots.shape[1], device=self.device)[None]  # [1, Lmax]
+            tables, lengths, _ = self._decode_meta
+            pos = torch.arange(tables.shape[1] * self.cache.block_size, device=self.device)[None]  # [1, nb * bs]
             visible = pos < lengths[:, None]
             if window is not None:
                 visible &= pos > (lengths[:, None] - 1) - window
-            self._masks[key] = visible[:, None, None, :]  # [B, 1, 1, Lmax]
+            self._masks[key] = visible[:, None, None, :]  # [B, 1, 1, nb * bs]
         return self._masks[key]
 
     def _prefill_mask(self, i: int, seq: SeqSlice, groups: int, window: int | None) -> torch.Tensor:
@@ -108,16 +117,21 @@ class PagedAttentionBatch:
         T, Hq, D = q.shape
         Hkv = k.shape[1]
         groups = Hq // Hkv
-        out = torch.empty_like(q)
+        bs = self.cache.block_size
         if self._decode_meta is not None:
-            slots, _, rows = self._decode_meta
-            B = slots.shape[0]
+            tables, _, rows = self._decode_meta
+            B = tables.shape[0]
+            only_decodes = not self.prefills  # then rows == 0..T-1: no gather of q, no scatter of the output
             # Query heads sharing a KV head go in the "sequence" dim, so KV is never expanded.
-            qd = q[rows].view(B, Hkv, groups, D)  # [B, Hkv, G, D]
-            kd = gather_slots(k_cache, slots).transpose(1, 2)  # [B, Hkv, Lmax, D]
-            vd = gather_slots(v_cache, slots).transpose(1, 2)
+            qd = (q if only_decodes else q[rows]).view(B, Hkv, groups, D)  # [B, Hkv, G, D]
+            kd = gather_blocks(k_cache, tables, bs).transpose(1, 2)  # [B, Hkv, nb * bs, D]
+            vd = gather_blocks(v_cache, tables, bs).transpose(1, 2)
             o = torch.nn.functional.scaled_dot_product_attention(
                 qd, kd, vd, attn_mask=self._decode_mask(sliding_window), scale=scale)  # [B, Hkv, G, D]
+            if only_decodes:
+                return o.reshape(B, Hq, D)
+        out = torch.empty_like(q)
+        if self._decode_meta is not None:
             out[rows] = o.reshape(B, Hq, D)
         for i, seq in enumerate(self.prefills):
             n = seq.count
@@ -130,12 +144,11 @@ class PagedAttentionBatch:
                     enable_gqa=groups > 1)  # [1, Hq, n, D]
                 out[seq.start:seq.start + n] = o[0].transpose(0, 1)
                 continue
-            if i not in self._prefill_slots:
-                self._prefill_slots[i] = self._slots(seq)
-            slots = self._prefill_slots[i]
+            L = seq.context_len
+            table = self.tables[self.prefill_idx[i]:self.prefill_idx[i] + 1, :-(-L // bs)]  # [1, ceil(L / bs)]
             qp = q[seq.start:seq.start + n].view(n, Hkv, groups, D).permute(1, 2, 0, 3).reshape(1, Hkv, groups * n, D)
-            kp = gather_slots(k_cache, slots).transpose(0, 1)[None]  # [1, Hkv, L, D]
-            vp = gather_slots(v_cache, slots).transpose(0, 1)[None]
+            kp = gather_blocks(k_cache, table, bs)[:, :L].transpose(1, 2)  # [1, Hkv, L, D]
+            vp = gather_blocks(v_cache, table, bs)[:, :L].transpose(1, 2)
             o = torch.nn.functional.scaled_dot_product_attention(
                 qp, kp, vp, attn_mask=self._prefill_mask(i, seq, groups, sliding_window), scale=scale)
             out[seq.start:seq.start + n] = o.view(Hkv, groups, n, D).permute(2, 0, 1, 3).reshape(n, Hq, D)
