@@ -234,9 +234,16 @@ class Router:
             "block_size": self.engine.blocks.block_size,
             "eos_token_ids": list(self.engine.eos_token_ids),
             "tp": self.tp,
+            # hardware.py's choice: what the model computes in and why (None where the executor
+            # does not say, i.e. tensor-parallel workers today)
+            "compute_dtype": self._compute_dtype(),
             "id2label": {int(k): v for k, v in (getattr(cfg, "id2label", None) or {}).items()},
             "config": self.current_config(),
         }
+
+    def _compute_dtype(self) -> dict | None:
+        choice = getattr(self.engine.executor, "dtype_choice", None)
+        return None if choice is None else {"dtype": choice.name, "reason": choice.reason}
 
     def current_config(self) -> dict:
         return {

@@ -83,6 +83,8 @@ class ModelEntry:
     # leave them unset (vLLM's generation_config="auto").
     sampling_defaults: dict[str, float] = field(default_factory=dict)
     reasoning_parser: str | None = None  # "deepseek_r1": chat answers' <think> part -> reasoning_content
+    # what the Router's model computes in and why ({"dtype", "reason"}): learned from its info()
+    compute_dtype: dict | None = None
 
     # A LoRA adapter of a base model (deployments/lora_adapters.py): `name` is what the request said,
     # `router` the base's handle with Serve's multiplexed model id set to `lora`, `parent` the base.
@@ -217,7 +219,7 @@ class Frontend:
     def model_card(m: ModelEntry) -> ModelCard:
         return ModelCard(id=m.name, task=m.task, max_model_len=m.max_model_len, root=m.path,
                          sampling_defaults=dict(m.sampling_defaults), reasoning_parser=m.reasoning_parser,
-                         parent=m.parent)
+                         parent=m.parent, compute_dtype=m.compute_dtype)
 
     async def ready(self) -> dict[str, dict]:
         """Every Router's info (the readiness probe of /ready and grpc.health.v1); raises when one
@@ -225,7 +227,19 @@ class Frontend:
         infos = {}
         for m in self.models:
             infos[m.name] = await asyncio.wait_for(m.router.info.remote(), READY_TIMEOUT_S)
+            m.compute_dtype = infos[m.name].get("compute_dtype")
         return infos
+
+    async def learn_compute_dtypes(self) -> None:
+        """Ask each Router whose compute dtype is not known yet (for /v1/models); one that does not
+        answer in time stays unknown and is asked again next time."""
+        for m in self.models:
+            if m.compute_dtype is None:
+                try:
+                    info = await asyncio.wait_for(m.router.info.remote(), READY_TIMEOUT_S)
+                except Exception:  # noqa: BLE001 - an unready Router: the card says null, /ready says why
+                    continue
+                m.compute_dtype = info.get("compute_dtype")
 
     # --- text ----------------------------------------------------------------------------------
 

@@ -103,3 +103,4 @@ class ModelCard:
     sampling_defaults: dict[str, float] = field(default_factory=dict)  # generation_config.json's
     reasoning_parser: str | None = None
     parent: str | None = None  # a LoRA adapter's base model
+    compute_dtype: dict | None = None  # {"dtype", "reason"}: hardware.py's choice on the Router

@@ -369,6 +369,7 @@ async def ready():
 
 @routes.get("/v1/models")
 async def list_models():
+    await _frontend().learn_compute_dtypes()
     return ModelList(data=[ModelCard.model_validate(m) for m in _frontend().list_models()])
 
 
@@ -376,7 +377,9 @@ async def list_models():
 async def retrieve_model(model_id: str):
     """OpenAI's GET /v1/models/{model} (`client.models.retrieve`); 404 with the served names otherwise."""
     fe = _frontend()
-    return ModelCard.model_validate(fe.model_card(fe.resolve(model_id)))
+    entry = fe.resolve(model_id)
+    await fe.learn_compute_dtypes()
+    return ModelCard.model_validate(fe.model_card(entry))
 
 
 @routes.post("/v1/completions")

@@ -461,6 +461,9 @@ class ModelCard(_Response):
     sampling_defaults: dict[str, float] | None = None
     reasoning_parser: str | None = None  # "deepseek_r1": chat answers carry reasoning_content
     parent: str | None = None  # a LoRA adapter's base model (vLLM's field)
+    # what the model computes in and why, e.g. {"dtype": "float32", "reason": "checkpoint bfloat16; this
+    # CPU has no native bf16 ..."} (qwen2_model/hardware.py); null while the Router has not said
+    compute_dtype: dict[str, str] | None = None
 
 
 class ModelList(_Response):

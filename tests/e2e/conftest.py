@@ -120,4 +120,4 @@ def serve_app(tmp_path_factory):
 def pytest_collection_modifyitems(config, items):
     """Tensor-parallel tests first: they start and stop their own Ray, which cannot share a driver
     with the session-wide `serve_app` Ray once that has started."""
-    items.sort(key=lambda item: 0 if item.path.name.startswith("test_tp") else 1)  # test_tp.py, test_tp_lora.py
+    items.sort(key=lambda item: 0 if item.path.name.startswith("test_tp") else 1)  # test_tp.py, test_tp_lora.py, test_tp_quantized.py

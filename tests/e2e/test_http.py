@@ -76,6 +76,12 @@ def test_models(client, serve_app):
     assert tasks == {serve_app.generate_model: "generate", serve_app.classify_model: "classify",
                      serve_app.ner_model: "classify_tokens", serve_app.qa_model: "answer"}
     assert all(m["max_model_len"] == serve_app.max_model_len for m in raw)
+    # the compute dtype each Router chose for this hardware (qwen2_model/hardware.py), and why
+    from qwen2_model.config import Qwen2Config
+    from qwen2_model.hardware import choose_dtype
+    for m in raw:
+        expected = choose_dtype(Qwen2Config.from_pretrained(serve_app.checkpoints[m["id"]]).dtype, None)
+        assert m["compute_dtype"] == {"dtype": expected.name, "reason": expected.reason}, m
     one = client.models.retrieve(serve_app.qa_model)
     assert one.id == serve_app.qa_model and one.model_dump()["task"] == "answer"
     with pytest.raises(openai.NotFoundError) as e:
