@@ -181,12 +181,13 @@ def http(serve_app):
 
 
 def still_serves(serve_app, http) -> None:
-    r = http.post("/v1/completions", json={"model": serve_app.generate_model, "prompt": "Hello", "max_tokens": 2})
+    r = http.post("/v1/completions", json={"model": serve_app.generate_model, "prompt": "Hello", "max_tokens": 2,
+                                                 "ignore_eos": True})
     assert r.status_code == 200, r.text
     with grpc.insecure_channel(serve_app.grpc_target) as ch:
         resp = ch.unary_unary(f"/{SERVICE}/Generate", request_serializer=pb.GenerateRequest.SerializeToString,
                               response_deserializer=pb.GenerateResponse.FromString)(
-            pb.GenerateRequest(model=serve_app.generate_model, prompt="Hello", max_tokens=2),
+            pb.GenerateRequest(model=serve_app.generate_model, prompt="Hello", max_tokens=2, ignore_eos=True),
             metadata=(("authorization", f"Bearer {serve_app.api_key}"),), timeout=60)
     assert resp.usage.completion_tokens == 2
     deadline = time.time() + 30

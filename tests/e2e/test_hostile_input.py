@@ -87,10 +87,12 @@ def grpc_invalid(call, *args, words: str = "", **kwargs) -> str:
 
 
 def still_serves(http, serve_app, channel):
-    r = http.post("/v1/completions", json={"model": serve_app.generate_model, "prompt": "Hello", "max_tokens": 2})
+    r = http.post("/v1/completions", json={"model": serve_app.generate_model, "prompt": "Hello", "max_tokens": 2,
+                                                 "ignore_eos": True})
     assert r.status_code == 200, r.text
     resp = raw_unary(channel, "Generate", pb.GenerateResponse)(
-        pb.GenerateRequest(model=serve_app.generate_model, prompt="Hello", max_tokens=2).SerializeToString(),
+        pb.GenerateRequest(model=serve_app.generate_model, prompt="Hello", max_tokens=2,
+                           ignore_eos=True).SerializeToString(),
         metadata=md(serve_app), timeout=60)
     assert resp.usage.completion_tokens == 2
 
@@ -286,7 +288,8 @@ def test_http_timeout_header_is_parsed_strictly(serve_app, value, status):
 @pytest.mark.parametrize("value,ok", [(" 5 ", True), ("2.5", True), ("1_0", False), ("inf", False),
                                       ("nan", False), ("1e400", False), ("abc", False)])
 def test_grpc_timeout_metadata_is_parsed_strictly(serve_app, channel, value, ok):
-    req = pb.GenerateRequest(model=serve_app.generate_model, prompt="hi", max_tokens=2).SerializeToString()
+    req = pb.GenerateRequest(model=serve_app.generate_model, prompt="hi", max_tokens=2,
+                             ignore_eos=True).SerializeToString()
     call = raw_unary(channel, "Generate", pb.GenerateResponse)
     if ok:
         assert call(req, metadata=md(serve_app, ("x-request-timeout", value)), timeout=60).usage.completion_tokens == 2
