@@ -77,6 +77,7 @@ class Ingress(GrpcIngressMixin):
                                       task=facts.task, tokenizer=Qwen2Tokenizer.from_pretrained(facts.path),
                                       router=routers[m["name"]], max_model_len=facts.max_model_len,
                                       id2label=facts.id2label, vocab_size=facts.vocab_size,
+                                      step_tag_id=facts.step_tag_id,
                                       sampling_defaults=read_generation_config(facts.path).sampling_defaults(),
                                       reasoning_parser=m.get("reasoning_parser")))
         self.api_key = api_key or None

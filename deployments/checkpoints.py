@@ -65,10 +65,11 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
 class ModelFacts:
     path: Path
     architecture: str
-    task: str  # qwen2_model.tasks: generate | classify | classify_tokens | answer | embed
+    task: str  # qwen2_model.tasks: generate | classify | classify_tokens | answer | embed | reward
     max_model_len: int
     vocab_size: int
     id2label: dict[int, str] = field(default_factory=dict)
+    step_tag_id: int | None = None  # process reward models: the token their steps end with (qwen2_model/reward.py)
 
 
 def model_facts(path: str | os.PathLike, engine: dict | None = None, hf_overrides: dict | None = None) -> ModelFacts:
@@ -76,10 +77,11 @@ def model_facts(path: str | os.PathLike, engine: dict | None = None, hf_override
     `engine` options. A `max_model_len` above what the RoPE scaling supports raises ConfigError."""
     from qwen2_model.config import Qwen2Config
     from qwen2_model.engine.engine import EngineConfig, context_length
+    from qwen2_model.reward import step_tag_id
     from qwen2_model.tasks import task_of
 
     resolved = resolve_model_path(path)
     config = Qwen2Config.from_pretrained(resolved, overrides=hf_overrides)
     max_model_len = context_length(EngineConfig(max_model_len=(engine or {}).get("max_model_len")), config)
     return ModelFacts(resolved, config.architecture, task_of(config.architecture), max_model_len, config.vocab_size,
-                      {int(k): v for k, v in dict(config.id2label).items()})
+                      {int(k): v for k, v in dict(config.id2label).items()}, step_tag_id(config))

@@ -9,9 +9,11 @@ from .layers import Qwen2RMSNorm
 from .loading import CheckpointError, from_pretrained
 from .modeling import (Qwen2ForCausalLM, Qwen2ForQuestionAnswering, Qwen2ForSequenceClassification,
                        Qwen2ForTokenClassification, Qwen2Model)
+from .reward import Qwen2ForProcessRewardModel, Qwen2ForRewardModel
 
 __all__ = [
-    "CheckpointError", "ConfigError", "Qwen2Config", "Qwen2ForCausalLM", "Qwen2ForQuestionAnswering",
+    "CheckpointError", "ConfigError", "Qwen2Config", "Qwen2ForCausalLM", "Qwen2ForProcessRewardModel",
+    "Qwen2ForQuestionAnswering", "Qwen2ForRewardModel",
     "Qwen2ForSequenceClassification", "Qwen2ForTokenClassification", "Qwen2Model", "Qwen2RMSNorm",
     "from_pretrained",
 ]

@@ -30,6 +30,8 @@ ARCHITECTURES = (
     "Qwen2ForSequenceClassification",
     "Qwen2ForTokenClassification",
     "Qwen2ForQuestionAnswering",
+    "Qwen2ForRewardModel",  # trust_remote_code checkpoints (Qwen2.5-Math-RM / -PRM): qwen2_model/reward.py
+    "Qwen2ForProcessRewardModel",
 )
 # config.json fields that change the model's math in ways we do not implement: refused, not ignored.
 UNSUPPORTED_FIELDS = {

@@ -26,10 +26,15 @@ from . import quantization as quant_lib
 from .config import DTYPES, ConfigError, Qwen2Config
 from .hardware import DtypeChoice, choose_dtype, cpu_flags, isa_summary
 from .layers import pick_backend
-from .modeling import MODEL_CLASSES
+from .modeling import MODEL_CLASSES as DECODER_CLASSES
 from .parallel import SINGLE, ParallelContext, ShapeMismatch
+from .reward import Qwen2ForProcessRewardModel, Qwen2ForRewardModel
 
 logger = logging.getLogger(__name__)
+
+# config.json's `architectures[0]` -> the class built (modeling.py's decoder and heads, reward.py's).
+MODEL_CLASSES = {**DECODER_CLASSES, "Qwen2ForRewardModel": Qwen2ForRewardModel,
+                 "Qwen2ForProcessRewardModel": Qwen2ForProcessRewardModel}
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

@@ -1,7 +1,8 @@
 """What each Qwen2 architecture serves: the one architecture -> task table.
 
 Every model sits on the decoder, so every architecture can also embed (hidden states of
-Qwen2Model); only Qwen2ForCausalLM generates, and only it needs a KV cache.
+Qwen2Model); only Qwen2ForCausalLM generates, and only it needs a KV cache. The two reward models
+share one task, "reward" (vLLM's): the head's own pooling decides the shape (qwen2_model/reward.py).
 
     task_of("Qwen2ForSequenceClassification") == CLASSIFY
     can_run("Qwen2ForQuestionAnswering", EMBED) is True
@@ -14,6 +15,7 @@ CLASSIFY = "classify"
 CLASSIFY_TOKENS = "classify_tokens"
 ANSWER = "answer"
 EMBED = "embed"
+REWARD = "reward"
 
 TASK_OF_ARCHITECTURE: dict[str, str] = {
     "Qwen2ForCausalLM": GENERATE,
@@ -21,8 +23,10 @@ TASK_OF_ARCHITECTURE: dict[str, str] = {
     "Qwen2ForTokenClassification": CLASSIFY_TOKENS,
     "Qwen2ForQuestionAnswering": ANSWER,
     "Qwen2Model": EMBED,
+    "Qwen2ForRewardModel": REWARD,  # a reward per token (vLLM's ALL pooling)
+    "Qwen2ForProcessRewardModel": REWARD,  # label probabilities per step tag (vLLM's STEP pooling)
 }
-POOLED_TASKS = (CLASSIFY, CLASSIFY_TOKENS, ANSWER, EMBED)  # one forward, no KV cache
+POOLED_TASKS = (CLASSIFY, CLASSIFY_TOKENS, ANSWER, EMBED, REWARD)  # one forward, no KV cache
 
 
 def task_of(architecture: str) -> str:

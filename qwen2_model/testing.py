@@ -9,6 +9,7 @@ BPE trained on the spot (qwen2_model/tokenizer_training.py).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -33,7 +34,11 @@ HEADS = {
     "sequence_classification": "Qwen2ForSequenceClassification",
     "token_classification": "Qwen2ForTokenClassification",
     "question_answering": "Qwen2ForQuestionAnswering",
+    "reward_model": "Qwen2ForRewardModel",
+    "process_reward_model": "Qwen2ForProcessRewardModel",
 }
+REWARD_LABELS = {"reward_model": 1, "process_reward_model": 2}  # fixed by the class (qwen2_model/reward.py)
+STEP_TAG = "<extra_0>"  # the process reward model's step separator (Qwen2.5-Math-PRM's token 151651)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
 
 
@@ -64,6 +69,10 @@ def tensor_shapes(config: Qwen2Config) -> dict[str, tuple[int, ...]]:
         shapes.update({"score.weight": (config.num_labels, E), "score.bias": (config.num_labels,)})
     elif arch == "Qwen2ForQuestionAnswering":
         shapes.update({"qa_outputs.weight": (2, E), "qa_outputs.bias": (2,)})
+    elif arch in ("Qwen2ForRewardModel", "Qwen2ForProcessRewardModel"):  # score = Linear, ReLU, Linear
+        labels = 1 if arch == "Qwen2ForRewardModel" else 2
+        shapes.update({"score.0.weight": (E, E), "score.0.bias": (E,),
+                       "score.2.weight": (labels, E), "score.2.bias": (labels,)})
     return shapes
 
 
@@ -90,10 +99,25 @@ def write_tokenizer(out_dir: Path, tokenizer_dir: str | Path | None) -> dict[str
             "im_end": tok.token_to_id("<|im_end|>")}
 
 
+def add_step_tag(out_dir: Path) -> int:
+    """The id of the step tag `<extra_0>` in out_dir's tokenizer.json, added as a special token at the
+    end of the vocabulary when missing (Qwen2.5-Math-PRM's vocabulary has it; Qwen2's does not)."""
+    from tokenizers import AddedToken, Tokenizer
+
+    tok = Tokenizer.from_file(str(out_dir / "tokenizer.json"))
+    if tok.token_to_id(STEP_TAG) is None:
+        tok.add_special_tokens([AddedToken(STEP_TAG, special=True, normalized=False)])
+        tok.save(str(out_dir / "tokenizer.json"))
+    return tok.token_to_id(STEP_TAG)
+
+
 def write_random_checkpoint(out_dir: str | Path, preset: str = "tiny", head: str = "causal_lm",
                             dtype: str = "float32", seed: int = 0, tokenizer_dir: str | Path | None = None,
                             num_shards: int = 1, num_labels: int = 3, **overrides) -> Path:
-    """Write a random-weight checkpoint in the Hugging Face layout; returns the directory."""
+    """Write a random-weight checkpoint in the Hugging Face layout; returns the directory.
+
+    Reward heads: num_labels is the class's (1 or 2); a process reward model's tokenizer gets the
+    step tag `<extra_0>` and config.json its `step_tag_id` when that is not the default 151651."""
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
     if head not in HEADS:
@@ -101,16 +125,26 @@ def write_random_checkpoint(out_dir: str | Path, preset: str = "tiny", head: str
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     special = write_tokenizer(out, tokenizer_dir)
+    if head in REWARD_LABELS:
+        num_labels = REWARD_LABELS[head]
+    if head == "process_reward_model":
+        from .reward import DEFAULT_STEP_TAG_ID
+        tag = add_step_tag(out)
+        special["size"] = max(special["size"], tag + 1)
+        if tag != DEFAULT_STEP_TAG_ID:
+            overrides.setdefault("step_tag_id", tag)
     fields = dict(PRESETS[preset])
     fields.setdefault("vocab_size", max(1024, special["size"]))
     fields.update(overrides)
+    known = {f.name for f in dataclasses.fields(Qwen2Config)}
+    extra = {k: fields.pop(k) for k in list(fields) if k not in known}  # e.g. step_tag_id
     if fields["vocab_size"] < special["size"]:
         raise ValueError(f"vocab_size {fields['vocab_size']} is smaller than the tokenizer's {special['size']} tokens")
     labels = {i: label for i, label in enumerate(["O", "B-ENT", "I-ENT", "NEG", "POS"][:num_labels])} \
         if head == "token_classification" else {i: f"LABEL_{i}" for i in range(num_labels)}
     config = Qwen2Config(architectures=[HEADS[head]], torch_dtype=dtype, eos_token_id=special["endoftext"],
                          bos_token_id=special["endoftext"], pad_token_id=special["endoftext"] if head != "causal_lm" else None,
-                         id2label=labels, num_labels=len(labels), **fields)
+                         id2label=labels, num_labels=len(labels), extra=extra, **fields)
     config.save_pretrained(out)
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": special["endoftext"]}) + "\n")
 

@@ -45,3 +45,32 @@ def assert_greedy_varies(engine, min_distinct: int = 3) -> None:
     outs = greedy_outputs(engine)
     assert all(len(set(o)) >= min_distinct for o in outs), outs
     assert len({tuple(o) for o in outs}) == len(outs), outs
+
+
+class HFRewardReference:
+    """The published reward models' math (their trust_remote_code, which transformers does not ship)
+    on transformers' own Qwen2Model: the decoder, then score = Sequential(Linear(E, E), ReLU,
+    Linear(E, num_labels)) read from the checkpoint's score.0 / score.2 tensors, in plain torch.
+    `logits(ids [B, S], mask)` -> [B, S, num_labels]."""
+
+    def __init__(self, ckpt: str | Path):
+        import torch
+        import transformers
+
+        tensors = {}
+        for file in sorted(Path(ckpt).glob("*.safetensors")):
+            tensors.update(load_file(str(file)))
+        self.decoder = transformers.Qwen2Model.from_pretrained(ckpt, dtype=torch.float32).eval()
+        hidden, labels = tensors["score.0.weight"].shape[1], tensors["score.2.weight"].shape[0]
+        self.score = torch.nn.Sequential(torch.nn.Linear(hidden, hidden), torch.nn.ReLU(),
+                                         torch.nn.Linear(hidden, labels)).float().eval()
+        self.score.load_state_dict({k[len("score."):]: v.float() for k, v in tensors.items() if k.startswith("score.")})
+        # the decoder really came from the checkpoint (not left at a random init)
+        assert torch.equal(self.decoder.embed_tokens.weight, tensors["model.embed_tokens.weight"].float())
+
+    def logits(self, ids, mask=None):
+        import torch
+
+        with torch.no_grad():
+            hidden = self.decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+            return self.score(hidden)

@@ -61,7 +61,7 @@ from deployments.frontend.structured import TOOL_CALL_START, StructuredFieldErro
 from deployments.frontend.text import ChoiceText
 from deployments.lora_adapters import AdapterCatalog, resolve_adapter
 from deployments.frontend.tool_calls import finish_reason_with_calls
-from qwen2_model.tasks import ANSWER, CLASSIFY, CLASSIFY_TOKENS, EMBED, GENERATE, can_run
+from qwen2_model.tasks import ANSWER, CLASSIFY, CLASSIFY_TOKENS, EMBED, GENERATE, REWARD, can_run
 
 READY_TIMEOUT_S = 10.0
 # How long a Router's "queue full" answers for it (< Retry-After's 1 s); 0 turns the view off.
@@ -85,6 +85,7 @@ class ModelEntry:
     reasoning_parser: str | None = None  # "deepseek_r1": chat answers' <think> part -> reasoning_content
     # what the Router's model computes in and why ({"dtype", "reason"}): learned from its info()
     compute_dtype: dict | None = None
+    step_tag_id: int | None = None  # a process reward model's step tag (qwen2_model/reward.py); else None
 
     # A LoRA adapter of a base model (deployments/lora_adapters.py): `name` is what the request said,
     # `router` the base's handle with Serve's multiplexed model id set to `lora`, `parent` the base.
@@ -499,4 +500,19 @@ class Frontend:
         total = sum(len(x) for x in ids)
         return vectors, Usage(total, 0, total)
 
-
+    async def reward(self, entry: ModelEntry, inputs) -> tuple[list[list[list[float]]], Usage]:
+        """Reward models (vLLM's /pooling): per input, a reward per token ([S, 1], Qwen2ForRewardModel)
+        or the label probabilities at each step tag ([steps, 2], Qwen2ForProcessRewardModel). An input
+        of a process reward model without its step tag has nothing to score: 400 naming it."""
+        start = time.monotonic()
+        ids = self._input_ids(entry, inputs)
+        tag = entry.step_tag_id
+        if tag is not None:
+            missing = next((i for i, row in enumerate(ids) if tag not in row), None)
+            if missing is not None:
+                raise invalid(f"input.{missing}" if len(ids) > 1 else "input",
+                              f"has no step tag: a process reward model scores each step ending with token "
+                              f"{tag} ({_token_text(entry.tokenizer, tag)!r})")
+        rows = await self._pooled(entry, REWARD, ids, start)
+        total = sum(len(x) for x in ids)
+        return rows, Usage(total, 0, total)

@@ -85,12 +85,33 @@ def generate_input(request: pb.GenerateRequest) -> tuple[str, str | list[int] | 
         return kind, request.prompt
     if kind == "prompt_token_ids":
         return kind, [int(t) for t in request.prompt_token_ids]
+    return kind, chat_messages(request)
+
+
+def chat_messages(request: Any) -> list[dict[str, str]]:
+    """A request's `messages` -> [{role, content}], roles checked."""
     messages = []
     for i, m in enumerate(request.messages):
         if m.role not in CHAT_ROLES:
             raise invalid(f"messages.{i}.role", f"must be one of {', '.join(CHAT_ROLES)}, got {m.role!r}")
         messages.append({"role": m.role, "content": m.content})
-    return kind, messages
+    return messages
+
+
+def reward_input(request: pb.RewardRequest) -> tuple[str, list[str] | list[list[int]] | list[dict[str, str]]]:
+    """("input", [texts]) | ("input_token_ids", [[ids]]) | ("messages", [{role, content}]): exactly one."""
+    given = [name for name, present in (("input", len(request.input) > 0),
+                                        ("input_token_ids", len(request.input_token_ids) > 0),
+                                        ("messages", len(request.messages) > 0)) if present]
+    if len(given) != 1:
+        detail = "none was set" if not given else f"got {' and '.join(given)}"
+        raise InvalidRequestError(f"Exactly one of 'input', 'input_token_ids', 'messages' must be set; {detail}",
+                                  param=given[-1] if given else "input")
+    if given[0] == "input":
+        return "input", list(request.input)
+    if given[0] == "input_token_ids":
+        return "input_token_ids", [[int(t) for t in row.ids] for row in request.input_token_ids]
+    return "messages", chat_messages(request)
 
 
 def generation_options(request: pb.GenerateRequest) -> GenerationOptions:
@@ -297,3 +318,8 @@ def list_models_response(models: list[ModelCard]) -> pb.ListModelsResponse:
                      sampling_defaults=m.sampling_defaults, reasoning_parser=m.reasoning_parser or "",
                      parent=m.parent or "")
         for m in models])
+
+
+def reward_response(model: str, rows: list[list[list[float]]], usage: Usage) -> pb.RewardResponse:
+    return pb.RewardResponse(id=new_id("pool"), model=model, usage=usage_to_proto(usage), data=[
+        pb.RewardResult(index=i, rows=[pb.FloatRow(values=r) for r in result]) for i, result in enumerate(rows)])

@@ -51,7 +51,7 @@ from deployments.frontend.core import Frontend
 from deployments.frontend.requests import check_body_size, new_id, parse_request_timeout
 from deployments.grpc_api import convert as C
 from protos.qwen2_serve.v1 import qwen2_serve_pb2 as pb
-from qwen2_model.tasks import ANSWER, CLASSIFY, CLASSIFY_TOKENS, EMBED, GENERATE
+from qwen2_model.tasks import ANSWER, CLASSIFY, CLASSIFY_TOKENS, EMBED, GENERATE, REWARD
 
 logger = logging.getLogger("qwen2_serve.grpc")
 
@@ -214,6 +214,19 @@ class GrpcIngressMixin:
             return C.embed_response(entry.name, vectors, usage)
 
         return await self._grpc_unary(request, grpc_context, pb.EmbedRequest, pb.EmbedResponse(), call)
+
+    async def Reward(self, request: pb.RewardRequest, grpc_context: Any = None) -> pb.RewardResponse:
+        async def call(request: Any) -> pb.RewardResponse:
+            kind, value = C.reward_input(request)
+            entry = self.frontend.resolve(C.model_arg(request.model), REWARD)
+            if kind == "messages":
+                value = self.frontend.render_chat(entry, value, add_generation_prompt=request.add_generation_prompt)
+            elif kind == "input_token_ids" and any(not row for row in value):
+                raise C.invalid("input_token_ids", "must not hold an empty list of token ids")
+            rows, usage = await self.frontend.reward(entry, value)
+            return C.reward_response(entry.name, rows, usage)
+
+        return await self._grpc_unary(request, grpc_context, pb.RewardRequest, pb.RewardResponse(), call)
 
     # -- tokenizer and models -------------------------------------------------------------------
 

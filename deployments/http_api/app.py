@@ -2,7 +2,7 @@
 
 Routes: POST /v1/completions, /v1/chat/completions (both with `stream`: SSE `data: {...}` chunks,
 ending `data: [DONE]`), GET /v1/models, POST /v1/classify, /v1/classify/tokens, /v1/answer,
-/v1/embeddings, /tokenize, /detokenize, GET /v1/models/{model}, GET /health (live), GET /ready
+/v1/embeddings, /pooling (vLLM's: reward models), /tokenize, /detokenize, GET /v1/models/{model}, GET /health (live), GET /ready
 (every Router answers).
 
 Each route is a thin shell over `Frontend` (deployments/frontend), shared with the gRPC servicer:
@@ -82,6 +82,9 @@ from deployments.http_api.schemas import (
     FunctionCall,
     ModelCard,
     ModelList,
+    PoolingData,
+    PoolingRequest,
+    PoolingResponse,
     TokenClassifyRequest,
     TokenClassifyResponse,
     TokenizeRequest,
@@ -89,9 +92,10 @@ from deployments.http_api.schemas import (
     ToolCall,
     UsageInfo,
     encode_embedding,
+    encode_pooling,
     generation_options,
 )
-from qwen2_model.tasks import ANSWER, CLASSIFY, CLASSIFY_TOKENS, EMBED, GENERATE
+from qwen2_model.tasks import ANSWER, CLASSIFY, CLASSIFY_TOKENS, EMBED, GENERATE, REWARD
 
 # With an API key, every other route needs it: /docs and /openapi.json too (they list the API).
 OPEN_PATHS = {"/health", "/ready"}
@@ -547,6 +551,24 @@ async def embeddings(req: EmbeddingRequest):
     return EmbeddingResponse(model=entry.name, usage=_usage(usage),
                              data=[EmbeddingData(index=i, embedding=encode_embedding(v, req.encoding_format))
                                    for i, v in enumerate(vectors)])
+
+
+@routes.post("/pooling")
+async def pooling(req: PoolingRequest):
+    """vLLM's pooling API, for the reward models (qwen2_model/reward.py): per input, rewards per token
+    or step probabilities. Other models answer 400 naming their task."""
+    fe = _frontend()
+    if (req.input is None) == (req.messages is None):
+        raise InvalidRequestError("Exactly one of 'input' and 'messages' must be given", param="input")
+    entry = fe.resolve(req.model, REWARD)
+    inputs = req.input
+    if req.messages is not None:
+        inputs = fe.render_chat(entry, [_message_dict(m) for m in req.messages],
+                                add_generation_prompt=req.add_generation_prompt, **(req.chat_template_kwargs or {}))
+    rows, usage = await fe.reward(entry, inputs)
+    return PoolingResponse(model=entry.name, usage=_usage(usage),
+                           data=[PoolingData(index=i, data=encode_pooling(r, req.encoding_format))
+                                 for i, r in enumerate(rows)])
 
 
 @routes.post("/tokenize")

@@ -291,6 +291,19 @@ class EmbeddingRequest(_Request):
         return v
 
 
+class PoolingRequest(_Request):
+    """POST /pooling (vLLM's shape) for reward models: `input` as /v1/embeddings' (text or token ids,
+    one or many), or `messages`: one conversation rendered by the chat template (vLLM's chat-style
+    pooling request; no generation prompt unless asked). Exactly one of the two."""
+
+    model: str | None = None
+    input: PromptInput | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    add_generation_prompt: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+
+
 class TokenizeRequest(_Request):
     """POST /tokenize (vLLM's shape)."""
 
@@ -535,6 +548,23 @@ class EmbeddingResponse(_Response):
     usage: UsageInfo
 
 
+class PoolingData(_Response):
+    index: int
+    object: Literal["pooling"] = "pooling"
+    # rows: [tokens, 1] rewards (reward model) or [steps, 2] probabilities (process reward model);
+    # base64: the rows flattened, little-endian float32 (as vLLM's)
+    data: list[list[float]] | str
+
+
+class PoolingResponse(_Response):
+    id: str = Field(default_factory=lambda: new_id("pool"))
+    object: Literal["list"] = "list"
+    created: int = Field(default_factory=_now)
+    model: str
+    data: list[PoolingData]
+    usage: UsageInfo
+
+
 class TokenizeResponse(_Response):
     tokens: list[int]
     count: int
@@ -604,3 +634,10 @@ def encode_embedding(values: Sequence[float], encoding_format: str = "float") ->
     if encoding_format == "base64":
         return base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode("ascii")
     return [float(v) for v in values]
+
+
+def encode_pooling(rows: Sequence[Sequence[float]], encoding_format: str = "float") -> list[list[float]] | str:
+    """A pooled output's rows in the wire form asked for (base64: flattened float32 LE, as vLLM's)."""
+    if encoding_format == "base64":
+        return encode_embedding([v for row in rows for v in row], "base64")
+    return [[float(v) for v in row] for row in rows]

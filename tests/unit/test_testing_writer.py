@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from qwen2_model import Qwen2Config, from_pretrained
-from qwen2_model.testing import HEADS, PRESETS, tensor_shapes, write_random_checkpoint
+from qwen2_model.testing import HEADS, PRESETS, REWARD_LABELS, tensor_shapes, write_random_checkpoint
 
 AUTO_CLASSES = {
     "base": "AutoModel",
@@ -66,6 +66,13 @@ def test_every_head_loads_in_ours_and_transformers(tmp_path, head, tied):
     for name, t in tensors.items():
         assert torch.equal(mine[name], t), name
 
+    if head in REWARD_LABELS:  # trust_remote_code models: transformers' Qwen2Model holds all but the score head
+        hf, info = transformers.Qwen2Model.from_pretrained(ckpt, output_loading_info=True)
+        assert not info["missing_keys"] and set(info["unexpected_keys"]) == {n for n in tensors if n.startswith("score.")}
+        assert tensors["score.2.weight"].shape == (REWARD_LABELS[head], hf.config.hidden_size)
+        for name, t in hf.state_dict().items():
+            assert torch.equal(t, tensors[f"model.{name}"]), name
+        return
     auto = getattr(transformers, AUTO_CLASSES[head])
     hf, info = auto.from_pretrained(ckpt, output_loading_info=True)
     assert type(hf).__name__ == HEADS[head]

@@ -65,6 +65,11 @@ class Qwen2ServeStub:
                 request_serializer=protos_dot_qwen2__serve_dot_v1_dot_qwen2__serve__pb2.EmbedRequest.SerializeToString,
                 response_deserializer=protos_dot_qwen2__serve_dot_v1_dot_qwen2__serve__pb2.EmbedResponse.FromString,
                 _registered_method=True)
+        self.Reward = channel.unary_unary(
+                '/qwen2_serve.v1.Qwen2Serve/Reward',
+                request_serializer=protos_dot_qwen2__serve_dot_v1_dot_qwen2__serve__pb2.RewardRequest.SerializeToString,
+                response_deserializer=protos_dot_qwen2__serve_dot_v1_dot_qwen2__serve__pb2.RewardResponse.FromString,
+                _registered_method=True)
         self.Tokenize = channel.unary_unary(
                 '/qwen2_serve.v1.Qwen2Serve/Tokenize',
                 request_serializer=protos_dot_qwen2__serve_dot_v1_dot_qwen2__serve__pb2.TokenizeRequest.SerializeToString,
@@ -129,6 +134,13 @@ class Qwen2ServeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Reward(self, request, context):
+        """Reward models (Qwen2ForRewardModel, Qwen2ForProcessRewardModel), as HTTP POST /pooling.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Tokenize(self, request, context):
         """Text -> token ids with the served model's tokenizer.
         """
@@ -182,6 +194,11 @@ def add_Qwen2ServeServicer_to_server(servicer, server):
                     servicer.Embed,
                     request_deserializer=protos_dot_qwen2__serve_dot_v1_dot_qwen2__serve__pb2.EmbedRequest.FromString,
                     response_serializer=protos_dot_qwen2__serve_dot_v1_dot_qwen2__serve__pb2.EmbedResponse.SerializeToString,
+            ),
+            'Reward': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reward,
+                    request_deserializer=protos_dot_qwen2__serve_dot_v1_dot_qwen2__serve__pb2.RewardRequest.FromString,
+                    response_serializer=protos_dot_qwen2__serve_dot_v1_dot_qwen2__serve__pb2.RewardResponse.SerializeToString,
             ),
             'Tokenize': grpc.unary_unary_rpc_method_handler(
                     servicer.Tokenize,
@@ -362,6 +379,33 @@ class Qwen2Serve:
             '/qwen2_serve.v1.Qwen2Serve/Embed',
             protos_dot_qwen2__serve_dot_v1_dot_qwen2__serve__pb2.EmbedRequest.SerializeToString,
             protos_dot_qwen2__serve_dot_v1_dot_qwen2__serve__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reward(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qwen2_serve.v1.Qwen2Serve/Reward',
+            protos_dot_qwen2__serve_dot_v1_dot_qwen2__serve__pb2.RewardRequest.SerializeToString,
+            protos_dot_qwen2__serve_dot_v1_dot_qwen2__serve__pb2.RewardResponse.FromString,
             options,
             channel_credentials,
             insecure,
