@@ -1,6 +1,7 @@
 """Tensor parallelism on CPU with gloo, through real Ray actors (deployments/workers.py).
 
-tp=2 (and tp=4, KV heads replicated) against the single-process model: logits of all four heads
+tp=2 (and tp=4, KV heads replicated) against the single-process model: logits of all four heads (and
+of the process reward model, with its served step pooling)
 within float tolerance, greedy generation through the engine token for token identical, on the tiny
 preset and on the Qwen2-0.5B head layout (14 heads, 2 KV heads; 2 layers and a small vocabulary to
 stay fast). Killing a rank mid-generation fails the step within 10 s naming the rank, and the
@@ -336,5 +337,30 @@ def test_structured_output_at_tp2_matches_local(ckpts):
     try:
         assert Engine(ex).generate_all(PROMPTS, params) == expected
         assert all(len(ids[0]) < 24 for ids in expected.values())  # the grammar ended them (stop)
+    finally:
+        ex.shutdown()
+
+
+def test_process_reward_model_at_tp2_matches_tp1(ckpts):
+    """The reward heads (score = Linear, ReLU, Linear; kept whole on every rank) on the sharded decoder:
+    raw scores and the served step pooling equal the single-process model."""
+    path = ckpts("tiny", "process_reward_model")
+    ref_model = from_pretrained(path)
+    tag = ref_model.step_tag_id
+    ids = [[1, 2, tag, 3, 4, 5, 6, tag, 7], [8, tag, 9, 10, 11, 12, 0, 0, 0]]
+    mask = [[1] * 9, [1] * 6 + [0] * 3]
+    with torch.inference_mode():
+        ref = ref_model(torch.tensor(ids), torch.tensor(mask))
+    ex = executor(path, 2)
+    try:
+        assert ex.architecture == "Qwen2ForProcessRewardModel"
+        real = torch.tensor(mask).bool()
+        torch.testing.assert_close(ex.forward_logits(ids, mask)[real], ref.float()[real], atol=1e-4, rtol=1e-4)
+        req = PooledInput("reward", [ids[0], ids[1][:6]])
+        local = LocalExecutor(path).run_pooled(req)
+        served = ex.run_pooled(req)
+        assert [len(r) for r in served] == [2, 1]
+        for a, b in zip(served, local):
+            torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=1e-4)
     finally:
         ex.shutdown()
