@@ -47,8 +47,8 @@ for p in (str(ROOT), str(HERE)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from load_client import (GrpcClient, HttpClient, RequestResult, Work, make_workload, result_rows,  # noqa: E402
-                         run_load, summarize)
+from load_client import (GrpcClient, HttpClient, RequestResult, Work, fresh_prompts, make_workload,  # noqa: E402
+                         result_rows, run_load, summarize)
 
 MODEL_NAME = "qwen2-0.5b-random"
 
@@ -92,8 +92,10 @@ async def _load(protocol: str, target: str, model: str, work: list[Work], *, rat
                 warmup: int = 2) -> tuple[list[RequestResult], float]:
     client = HttpClient(target, model) if protocol == "http" else GrpcClient(target, model)
     async with client:
-        for w in work[:warmup]:  # first requests pay lazy initialisation: not measured
-            await client.send(Work(w.prompt_token_ids[:16], 4))
+        # First requests pay lazy initialisation: not measured. Their prompts are reversed slices, so
+        # they leave no KV block the measured requests could reuse.
+        for w in work[:warmup]:
+            await client.send(Work(w.prompt_token_ids[::-1][:15], 4))
         return await run_load(client.send, work, rate=rate, concurrency=concurrency, seed=seed, desc=desc)
 
 
@@ -160,9 +162,20 @@ def cmd_run(args) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = ensure_checkpoint(Path(args.checkpoint or f"/tmp/qwen2-serve-bench/serve-load-qwen2-0.5b-{args.dtype}"),
                                    args.dtype, QWEN_TOKENIZER if QWEN_TOKENIZER.is_dir() else None)
-    work = make_workload(args.num_requests, args.seed, vocab_size_of(checkpoint), args.scale)
-    work_path = out_dir / "workload.json"
-    work_path.write_text(json.dumps([asdict(w) for w in work]))
+    vocab = vocab_size_of(checkpoint)
+    work = make_workload(args.num_requests, args.seed, vocab, args.scale)
+    (out_dir / "workload.json").write_text(json.dumps([asdict(w) for w in work]))
+    salts = iter(range(1, 1 << 30))
+
+    def run_work() -> list[Work]:
+        """This run's requests: the workload's lengths with prompt ids no earlier run used."""
+        return fresh_prompts(work, next(salts), vocab)
+
+    def engine_work_file() -> Path:
+        path = out_dir / "engine-workload.json"
+        path.write_text(json.dumps([asdict(w) for w in run_work()]))
+        return path
+
     protocols = [p for p in args.protocols.split(",") if p]
     rates = [float(r) for r in args.rates.split(",") if r]
     peers = [p for p in args.peers.split(",") if p and p != "none"]
@@ -181,18 +194,18 @@ def cmd_run(args) -> int:
 
     print(f"results -> {out_dir}\n{machine_state()['uptime']}", flush=True)
     if not args.no_engine:
-        runs.append(measure_engine(args, checkpoint, work_path, out_dir, concurrency=args.concurrency))
+        runs.append(measure_engine(args, checkpoint, engine_work_file(), out_dir, concurrency=args.concurrency))
         save()
     server = QwenServer(out_dir / "qwen2-serve.log", checkpoint, MODEL_NAME, args)
     print("starting qwen2-serve ..." if not args.no_qwen else "qwen2-serve skipped (--no-qwen)", flush=True)
     with server if not args.no_qwen else _nothing():
         for protocol in protocols if not args.no_qwen else ():
             target = server.base_url if protocol == "http" else server.grpc_target
-            runs.append(measure("qwen2-serve", protocol, target, MODEL_NAME, work, args, concurrency=args.concurrency,
+            runs.append(measure("qwen2-serve", protocol, target, MODEL_NAME, run_work(), args, concurrency=args.concurrency,
                                 server_pid=server.proc.pid))
             save()
         for rate in rates if not args.no_qwen else ():
-            runs.append(measure("qwen2-serve", "http", server.base_url, MODEL_NAME, work, args, rate=rate,
+            runs.append(measure("qwen2-serve", "http", server.base_url, MODEL_NAME, run_work(), args, rate=rate,
                                 server_pid=server.proc.pid))
             save()
     if vllm_python is not None:
@@ -205,18 +218,18 @@ def cmd_run(args) -> int:
             settings["vllm_error"] = str(exc)
         else:
             try:
-                runs.append(measure("vllm", "http", vllm.base_url, MODEL_NAME, work, args,
+                runs.append(measure("vllm", "http", vllm.base_url, MODEL_NAME, run_work(), args,
                                     concurrency=args.concurrency, server_pid=vllm.proc.pid))
                 save()
                 for rate in rates:
-                    runs.append(measure("vllm", "http", vllm.base_url, MODEL_NAME, work, args, rate=rate,
+                    runs.append(measure("vllm", "http", vllm.base_url, MODEL_NAME, run_work(), args, rate=rate,
                                         server_pid=vllm.proc.pid))
                     save()
             finally:
                 vllm.stop()
     if args.engine_rates and not args.no_engine:
         for rate in rates:
-            runs.append(measure_engine(args, checkpoint, work_path, out_dir, rate=rate))
+            runs.append(measure_engine(args, checkpoint, engine_work_file(), out_dir, rate=rate))
             save()
     save()
     report = summary_markdown(settings, runs)
@@ -313,7 +326,7 @@ def cmd_engine(args) -> int:
                                            max_prefill_tokens=args.max_prefill_tokens,
                                            prefill_step_ratio=args.prefill_step_ratio or None))
     for i, w in enumerate(work[:2]):  # warm-up, as the clients do
-        engine.add_request(f"warm{i}", w.prompt_token_ids[:16], SamplingParams(max_tokens=4, temperature=0.0,
+        engine.add_request(f"warm{i}", w.prompt_token_ids[::-1][:15], SamplingParams(max_tokens=4, temperature=0.0,
                                                                                 ignore_eos=True))
     while engine.has_unfinished():
         engine.step()
