@@ -54,7 +54,7 @@ class Sequence:
     status: Status = Status.WAITING
     num_computed: int = 0  # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)
-    block_hashes: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # sha256 keys of full blocks (block_hash)
     wait_for: "Sequence | None" = None  # n > 1: children wait until the parent's prompt is cached
     first_scheduled_time: float | None = None
     finish_reason: str | None = None
