@@ -256,6 +256,10 @@ def local_ray_env(args) -> dict[str, str]:
 def serve_and_block(app_args: dict, args, banner) -> int:
     env = local_ray_env(args)
     os.environ.update(env)  # before Ray reads it, and inherited by the processes Ray starts
+    from deployments.admission import PROXY_CALLBACK_ENV
+
+    for key, value in PROXY_CALLBACK_ENV.items():  # queue-full refused in Serve's proxy (deployments/admission.py)
+        os.environ.setdefault(key, value)
     import ray
     from ray import serve
 

@@ -91,6 +91,10 @@ def serve_app(tmp_path_factory):
                     "engine": {"max_model_len": app.max_model_len}, "pooled_batch_wait_ms": 20}
                    for name, path in checkpoints.items()],
     }
+    # Queue-full refused in Serve's HTTP proxy (deployments/admission.py), as the CLI does.
+    from deployments.admission import PROXY_CALLBACK_ENV
+    for key, value in PROXY_CALLBACK_ENV.items():
+        os.environ.setdefault(key, value)
     # Metrics: exported on metrics_port, pushed to the exporter every second (default 10 s).
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"QWEN2_SERVE_HOME": str(home)}}, _metrics_export_port=metrics_port,

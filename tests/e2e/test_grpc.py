@@ -24,6 +24,7 @@ import pytest
 
 from deployments import client_cli
 from deployments.client import ClientError, Qwen2ServeClient
+from deployments.admission import HOLD_S as PROXY_QUEUE_FULL_HOLD_S
 from deployments.frontend.core import QUEUE_FULL_HOLD_S
 from protos.qwen2_serve.v1 import qwen2_serve_pb2 as pb
 from protos.qwen2_serve.v1 import qwen2_serve_pb2_grpc as pb_grpc
@@ -74,7 +75,8 @@ class App:
             yield
         finally:
             router.reconfigure.remote({"max_waiting": old}).result(timeout_s=30)
-            time.sleep(QUEUE_FULL_HOLD_S + 0.05)  # the ingress keeps a "queue full" answer for this long
+            # the ingress and Serve's proxy (deployments/admission.py) keep a "queue full" answer this long
+            time.sleep(max(QUEUE_FULL_HOLD_S, PROXY_QUEUE_FULL_HOLD_S) + 0.05)
 
 
 @pytest.fixture(scope="module")

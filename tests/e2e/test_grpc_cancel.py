@@ -1,14 +1,15 @@
-"""50 cancelled gRPC GenerateStream calls: how many cancels reach the engine, and nothing leaks.
+"""50 cancelled gRPC GenerateStream calls: every cancel reaches the engine, and nothing leaks.
 
 Each stream asks for a long generation, reads two messages and is cancelled by the client. A cancel
 aborts the request in the engine at once (finish_reason "abort" in the Router's stats). Ray Serve
-2.60's gRPC proxy loses some (one landing while the proxy hands a message to gRPC abandons its call
-to the replica without cancelling it: the choice runs on to max_tokens); deployments/grpc_api/raw.py
-narrows that in the proxy process (an abandoned ProxyResponseGenerator cancels its replica call when
-collected), see docs/architecture.md "Departures". Printed: aborted vs ran on, tokens, time to idle.
-Asserted: most cancels reach the engine, every stream ends (bounded by max_tokens and the
-x-request-timeout the client sends), and afterwards nothing is running or waiting and every KV
-block is free.
+2.60's gRPC proxy alone loses about one in five (a cancel landing while the proxy hands a message
+to gRPC never cancels its call to the replica, so the choice ran on to max_tokens);
+deployments/grpc_api/raw.py ties each replica call to the RPC's task in the proxy, so it is
+cancelled however the RPC ends (docs/architecture.md "Departures"; tests/unit/test_grpc_raw.py
+shows the mechanism). Asserted: all 50 were aborted in the engine, none ran on, and afterwards
+nothing is running or waiting and every KV block is free. Printed: tokens and time to idle.
+max_tokens is the rest of the context, so a stream could only finish on its own if its cancel
+took longer than generating ~1000 tokens.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from protos.qwen2_serve.v1 import qwen2_serve_pb2 as pb
 from protos.qwen2_serve.v1 import qwen2_serve_pb2_grpc as pb_grpc
 
 STREAMS = 50
-MAX_TOKENS = 300
+MAX_TOKENS = 1000  # the context is 1024
 
 
 def wait_idle(serve_app, timeout: float) -> dict:
@@ -57,5 +58,5 @@ def test_fifty_cancelled_streams_leave_nothing_running(serve_app):
     print(f"\n{STREAMS} cancelled GenerateStream calls in {cancelled_at - start:.1f} s: {aborted} aborted in the "
           f"engine, {ran_on} ran on to max_tokens={MAX_TOKENS} (cancel lost); "
           f"{tokens} tokens generated in all; idle {idle_s:.1f} s after the last cancel")
-    assert aborted + ran_on == STREAMS
-    assert aborted >= STREAMS // 5, "cancels must reach the engine (Serve's proxy loses some, not most)"
+    assert ran_on == 0, f"{ran_on} cancelled streams kept generating to max_tokens"
+    assert aborted == STREAMS

@@ -10,6 +10,7 @@ import openai
 import pytest
 import torch
 
+from deployments.admission import HOLD_S as PROXY_QUEUE_FULL_HOLD_S
 from deployments.frontend.core import QUEUE_FULL_HOLD_S
 
 pytestmark = pytest.mark.slow
@@ -533,7 +534,8 @@ def test_429_queue_full(serve_app, http):
         assert error_of(r)["code"] == "queue_full"
     finally:
         router.reconfigure.remote({"max_waiting": 1024}).result(timeout_s=30)
-    time.sleep(QUEUE_FULL_HOLD_S + 0.05)  # the ingress keeps a "queue full" answer for this long
+    # the ingress and Serve's proxy (deployments/admission.py) keep a "queue full" answer this long
+    time.sleep(max(QUEUE_FULL_HOLD_S, PROXY_QUEUE_FULL_HOLD_S) + 0.05)
     r = http.post("/v1/completions", json={"model": serve_app.generate_model, "prompt": "hi", "max_tokens": 2})
     assert r.status_code == 200
 
