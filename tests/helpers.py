@@ -6,6 +6,7 @@ go unseen by "batched equals alone" tests. `write_checkpoint(varied=True)` scale
 the norms by VARIED_SCALE, which makes the logits peaked and input-dependent, and
 `assert_greedy_varies` checks that the output changes from token to token and from prompt to prompt.
 The session-wide `checkpoints` fixture (tests/conftest.py) caches them by their arguments.
+Also `cache_prompt`, which fills a BlockManager's prefix cache for the scheduler and hash tests.
 """
 
 from __future__ import annotations
@@ -74,3 +75,14 @@ class HFRewardReference:
         with torch.no_grad():
             hidden = self.decoder(input_ids=ids, attention_mask=mask).last_hidden_state
             return self.score(hidden)
+
+
+def cache_prompt(blocks, tokens: list[int]) -> list[int]:
+    """Allocate and publish `tokens` in a BlockManager as if computed, then release: the full blocks
+    stay in the prefix cache. Returns the block ids they took."""
+    table, hashes = [], []
+    blocks.grow(table, len(tokens))
+    blocks.register_full_blocks(table, hashes, tokens, len(tokens))
+    ids = list(table)
+    blocks.release(table)
+    return ids

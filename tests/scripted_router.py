@@ -4,12 +4,14 @@ It speaks the Router's typed messages: `generate.remote(request_id, prompt_ids, 
 streams engine `RequestOutput`s (the tokens of a fixed answer, one per step, for every choice),
 `pooled.remote(task, token_ids, **kw)` returns what `pooled_results(task, token_ids)` says,
 `info.remote()` answers (or fails like a dead engine), `abort.remote(...)` records the abort.
+`openai_call(tokenizer, router, call)` drives the FastAPI app over such a router with the official
+openai client.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Callable
+from typing import Any, Awaitable, Callable
 
 from qwen2_model.engine.engine import RequestOutput
 from qwen2_model.engine.sampling import SamplingParams, TokenLogprob
@@ -87,3 +89,31 @@ class ScriptedRouter:
         if not self.alive:
             raise RuntimeError("engine failed")
         return {"architecture": "Qwen2ForCausalLM", "max_model_len": 4096, "num_kv_blocks": 1, "config": {}}
+
+
+def openai_call(tokenizer, router: ScriptedRouter, call: Callable[[Any], Awaitable[Any]], **entry_kw):
+    """Serve model "m" (a causal LM behind `router`) from the FastAPI app in-process and return what
+    `await call(client)` gives, `client` being the official `openai.AsyncOpenAI` talking to the app;
+    a streamed result is read to the end (a list of chunks)."""
+    import httpx
+    import openai
+
+    from deployments.frontend.core import Frontend, ModelEntry
+    from deployments.http_api import app as http_app
+
+    http_app.bind(Frontend([ModelEntry("m", path="", architecture="Qwen2ForCausalLM", task="generate",
+                                       tokenizer=tokenizer, router=router, max_model_len=4096, **entry_kw)]))
+
+    async def run():
+        transport = httpx.ASGITransport(app=http_app.create_app())
+        async with httpx.AsyncClient(transport=transport, base_url="http://ingress") as http:
+            client = openai.AsyncOpenAI(base_url="http://ingress/v1", api_key="-", http_client=http, max_retries=0)
+            result = await call(client)
+            if isinstance(result, openai.AsyncStream):
+                return [chunk async for chunk in result]
+            return result
+
+    try:
+        return asyncio.run(run())
+    finally:
+        http_app.bind(None)

@@ -10,6 +10,7 @@ blocks, show that the old key really collides on them, and that the BlockManager
 from __future__ import annotations
 
 from qwen2_model.engine.block_manager import BlockManager, block_hash
+from tests.helpers import cache_prompt
 
 MERSENNE_61 = 2**61 - 1  # CPython: hash(n) == n % (2**61 - 1) for non-negative ints
 
@@ -17,15 +18,6 @@ MERSENNE_61 = 2**61 - 1  # CPython: hash(n) == n % (2**61 - 1) for non-negative 
 def old_key(parent, tokens) -> int:
     """The key the prefix cache used before (kept here only to show the collision is real)."""
     return hash((parent, tuple(tokens)))
-
-
-def cache_prompt(blocks: BlockManager, tokens: list[int]) -> list[int]:
-    table, hashes = [], []
-    blocks.grow(table, len(tokens))
-    blocks.register_full_blocks(table, hashes, tokens, len(tokens))
-    ids = list(table)
-    blocks.release(table)
-    return ids
 
 
 def colliding_pairs(block_size: int) -> list[tuple[list[int], list[int]]]:

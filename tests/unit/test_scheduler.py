@@ -5,16 +5,7 @@ import pytest
 from qwen2_model.engine.block_manager import BlockManager, NoFreeBlocks
 from qwen2_model.engine.sampling import SamplingParams
 from qwen2_model.engine.scheduler import Scheduler, SchedulerConfig, Sequence, StepCostModel
-
-
-def cache_prompt(blocks: BlockManager, tokens: list[int]) -> list[int]:
-    """Allocate and publish `tokens` as if computed, then release: the blocks stay cached."""
-    table, hashes = [], []
-    blocks.grow(table, len(tokens))
-    blocks.register_full_blocks(table, hashes, tokens, len(tokens))
-    ids = list(table)
-    blocks.release(table)
-    return ids
+from tests.helpers import cache_prompt
 
 
 def test_cached_blocks_are_evicted_least_recently_used_first():

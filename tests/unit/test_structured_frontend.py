@@ -3,16 +3,12 @@ and FastAPI app (a scripted Router stands in for the engine), read by the offici
 
 from __future__ import annotations
 
-import asyncio
 import json
 
-import httpx
 import openai
 import pytest
 
-from deployments.frontend.core import Frontend, ModelEntry
-from deployments.http_api import app as http_app
-from tests.scripted_router import ScriptedRouter
+from tests.scripted_router import ScriptedRouter, openai_call
 
 DEFAULTS = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
 
@@ -26,28 +22,15 @@ def tokenizer(qwen_tokenizer_dir):
 
 def _call(tokenizer, answer: str, route: str, entry_kw: dict | None = None, **kw):
     router = ScriptedRouter(tokenizer.encode(answer))
-    http_app.bind(Frontend([ModelEntry("m", path="", architecture="Qwen2ForCausalLM", task="generate",
-                                       tokenizer=tokenizer, router=router, max_model_len=4096, **(entry_kw or {}))]))
 
-    async def call():
-        transport = httpx.ASGITransport(app=http_app.create_app())
-        async with httpx.AsyncClient(transport=transport, base_url="http://ingress") as http:
-            client = openai.AsyncOpenAI(base_url="http://ingress/v1", api_key="-", http_client=http, max_retries=0)
-            if route == "models":
-                return await client.models.list()
-            if route == "chat":
-                result = await client.chat.completions.create(
-                    model="m", messages=[{"role": "user", "content": "Hi"}], **kw)
-            else:
-                result = await client.completions.create(model="m", prompt="Hi", **kw)
-            if kw.get("stream"):
-                return [chunk async for chunk in result]
-            return result
+    async def call(client):
+        if route == "models":
+            return await client.models.list()
+        if route == "chat":
+            return await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}], **kw)
+        return await client.completions.create(model="m", prompt="Hi", **kw)
 
-    try:
-        return asyncio.run(call()), router
-    finally:
-        http_app.bind(None)
+    return openai_call(tokenizer, router, call, **(entry_kw or {})), router
 
 
 @pytest.mark.parametrize("kw, kind", [

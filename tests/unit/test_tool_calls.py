@@ -9,18 +9,14 @@ template rendering `tools`) is tests/e2e/test_http.py.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import random
 
-import httpx
 import openai
 import pytest
 
-from deployments.frontend.core import Frontend, ModelEntry
 from deployments.frontend.tool_calls import ParsedToolCall, ToolCallSplitter, finish_reason_with_calls
-from deployments.http_api import app as http_app
-from tests.scripted_router import ScriptedRouter
+from tests.scripted_router import ScriptedRouter, openai_call
 
 WEATHER = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "°C"}}\n</tool_call>'
 TIME = '<tool_call>\n{"name": "get_time", "arguments": {"tz": "CET"}}\n</tool_call>'
@@ -119,23 +115,8 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
 def _chat(tokenizer, text: str, finish_reason: str = "stop", **kw):
     """One chat call through the FastAPI app and the real Frontend, read by the official openai client."""
     router = ScriptedRouter(tokenizer.encode(text), finish_reason)
-    http_app.bind(Frontend([ModelEntry("m", path="", architecture="Qwen2ForCausalLM", task="generate",
-                                       tokenizer=tokenizer, router=router, max_model_len=4096)]))
-
-    async def call():
-        transport = httpx.ASGITransport(app=http_app.create_app())
-        async with httpx.AsyncClient(transport=transport, base_url="http://ingress") as http:
-            client = openai.AsyncOpenAI(base_url="http://ingress/v1", api_key="-", http_client=http, max_retries=0)
-            result = await client.chat.completions.create(
-                model="m", messages=[{"role": "user", "content": "Weather in Paris?"}], **kw)
-            if kw.get("stream"):
-                return [chunk async for chunk in result]
-            return result
-
-    try:
-        return asyncio.run(call()), router
-    finally:
-        http_app.bind(None)
+    return openai_call(tokenizer, router, lambda client: client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "Weather in Paris?"}], **kw)), router
 
 
 def test_the_qwen_vocabulary_has_the_tags_as_single_tokens(tokenizer):
