@@ -213,6 +213,24 @@ class Qwen2ServeClient:
         req = pb.EmbedRequest(model=model, input=batch, pooling=pooling, normalize=normalize)
         return self._unary(self._stub.Embed, req, timeout)
 
+    def reward(self, inputs: str | Sequence[str] | Sequence[Sequence[int]] | None = None, model: str = "", *,
+               messages: Iterable[Mapping[str, str]] | None = None, add_generation_prompt: bool = False,
+               timeout: float | None = None) -> pb.RewardResponse:
+        """Reward models: texts, token-id lists, or one conversation (`messages`) -> per input the rows
+        (a reward per token, or a process reward model's probabilities per step tag)."""
+        req = pb.RewardRequest(model=model, add_generation_prompt=add_generation_prompt)
+        if messages is not None:
+            req.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages)
+        if isinstance(inputs, str):
+            req.input.append(inputs)
+        elif inputs is not None:
+            for item in inputs:
+                if isinstance(item, str):
+                    req.input.append(item)
+                else:
+                    req.input_token_ids.append(pb.TokenIds(ids=[int(t) for t in item]))
+        return self._unary(self._stub.Reward, req, timeout)
+
     def tokenize(self, text: str, model: str = "", add_special_tokens: bool | None = None, *,
                  timeout: float | None = None) -> pb.TokenizeResponse:
         req = pb.TokenizeRequest(model=model, text=text)

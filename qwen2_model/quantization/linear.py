@@ -279,17 +279,27 @@ class Int4Kernel:
         return self.packed.numel() + self.scales_zeros.numel() * self.scales_zeros.element_size()
 
 
+# Rows from which the int8 CPU kernel dequantizes per call instead of `_weight_int8pack_mm`, whose time
+# grows with every row (a matrix-vector kernel per row): one Qwen2-0.5B gate_up weight [9728, 896],
+# 2 threads, avx512_bf16, best of 15 (2026-11-30): fp32 activations, 1 row 3.5 ms packed vs 12.6 ms
+# dequant, 8 rows 28.9 vs 16.7, 128 rows (a prefill) 465 vs 32; bf16, 8 rows 3.8-5.2 vs 6.9-12.0,
+# 16 rows 6.4 vs 2.1, 128 rows 30-57 vs 14-16. The weight stays int8 in memory either way.
+INT8_DEQUANT_ROWS = {torch.float32: 8, torch.bfloat16: 16}
+
+
 class Int8Kernel:
-    """y = x (w * s)^T with w int8 [out, in] and s [out]: `_weight_int8pack_mm` on CPU, else a
-    float matmul on the int8 weight followed by the per-channel scale (the same product)."""
+    """y = x (w * s)^T with w int8 [out, in] and s [out]. On CPU, for few rows (decoding),
+    `_weight_int8pack_mm`; for more rows (batches, prefill; see INT8_DEQUANT_ROWS) and off CPU, a
+    float matmul on the int8 weight cast to the activations' dtype (integers up to 127 are exact in
+    bf16 and fp32) followed by the per-channel scale: the same product."""
 
     def __init__(self, weight: torch.Tensor, scales: torch.Tensor):
         self.weight, self.scales = weight, scales
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        if x.device.type == "cpu":
+        x2 = x.reshape(-1, shape[-1])  # [rows, in]
+        if x.device.type == "cpu" and x2.shape[0] < INT8_DEQUANT_ROWS.get(x.dtype, 16):
             y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight, self.scales.to(x.dtype))
         else:
             y = F.linear(x2, self.weight.to(x.dtype)) * self.scales.to(x.dtype)

@@ -14,6 +14,7 @@ import httpx
 import pytest
 import torch
 
+from deployments.client import Qwen2ServeClient
 from protos.qwen2_serve.v1 import qwen2_serve_pb2 as pb
 from protos.qwen2_serve.v1 import qwen2_serve_pb2_grpc as pb_grpc
 from qwen2_model.tokenizer import Qwen2Tokenizer
@@ -84,3 +85,9 @@ def test_grpc_reward_rpc(reward_app):
         with pytest.raises(grpc.RpcError) as err:
             stub.Reward(pb.RewardRequest(model="lm", input=["hi"]), metadata=md, timeout=60)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cannot do 'reward'" in err.value.details()
+    with Qwen2ServeClient(reward_app["grpc"], application=APP, timeout=60) as client:  # the typed client
+        rows = client.reward([ids], model="prm").data[0].rows
+        torch.testing.assert_close(torch.tensor([list(r.values) for r in rows]), expected, atol=1e-5, rtol=1e-4)
+        chat = client.reward(model="prm", messages=[{"role": "user", "content": "1+1?"},
+                                                    {"role": "assistant", "content": "2<extra_0>"}])
+        assert len(chat.data[0].rows) == 1

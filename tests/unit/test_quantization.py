@@ -238,3 +238,21 @@ def test_int8_weight_only_is_close_to_fp32(tmp_path):
     # per-channel int8 of N(0, 0.02) weights: relative weight error ~ 1/254 of the row max
     assert (a - b).abs().max() < 0.02 * a.abs().max()
     assert weight_bytes(int8) < weight_bytes(fp32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_kernel_packed_rows_and_dequantized_rows_agree(dtype):
+    """Few rows take `_weight_int8pack_mm`, many rows the dequantized matmul (INT8_DEQUANT_ROWS): the
+    same rows give the same product either way, and both equal x (q s)^T."""
+    from qwen2_model.quantization.linear import INT8_DEQUANT_ROWS, Int8Weight
+
+    g = torch.Generator().manual_seed(0)
+    layer = Int8Weight((0.02 * torch.randn(96, 64, generator=g)).to(dtype))
+    x = torch.randn(INT8_DEQUANT_ROWS[dtype] + 4, 64, generator=g).to(dtype)
+    k = layer.kernel
+    reference = x.float() @ (k.weight.float() * k.scales.float()[:, None]).t()
+    many = layer(x, None)  # dequantized path
+    few = torch.cat([layer(x[i:i + 2], None) for i in range(0, len(x), 2)])  # packed path, 2 rows a call
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(many.float(), reference, **tol)
+    torch.testing.assert_close(few.float(), reference, **tol)
