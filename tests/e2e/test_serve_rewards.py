@@ -3,7 +3,8 @@ shared one (conftest's serve_app), with a reward model and a process reward mode
 
 HTTP POST /pooling and the gRPC Reward RPC give the plain-torch reference's rewards (transformers'
 Qwen2Model + the score head, tests/helpers.py) and, for the process reward model, one probability
-pair per step tag; a causal LM asked for rewards is 400 / INVALID_ARGUMENT naming its task."""
+pair per step tag; a causal LM asked for rewards is 400 / INVALID_ARGUMENT naming its task; fuzzed
+/pooling bodies never get a 5xx."""
 
 from __future__ import annotations
 
@@ -91,3 +92,38 @@ def test_grpc_reward_rpc(reward_app):
         chat = client.reward(model="prm", messages=[{"role": "user", "content": "1+1?"},
                                                     {"role": "assistant", "content": "2<extra_0>"}])
         assert len(chat.data[0].rows) == 1
+
+
+def test_pooling_fuzz_never_5xx(reward_app):
+    """Random bodies, and valid ones with one or two fields given random values (hypothesis, fixed
+    seed), on /pooling: every answer is 200 or a 4xx
+    with OpenAI's error body, and the app still serves afterwards."""
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from tests.e2e.test_fuzz import check_http, fuzz_settings, json_values, post, print_outcomes, texts
+
+    url, tag = reward_app["url"], reward_app["tag"]
+    ids = st.lists(st.one_of(st.integers(-2, 600), st.just(tag), st.integers(2**31, 2**70)), max_size=6)
+    message = st.fixed_dictionaries({"role": st.one_of(st.sampled_from(["user", "assistant", "system"]), texts),
+                                     "content": st.one_of(texts, st.just("a<extra_0>"), json_values)})
+    fields = {"model": st.one_of(st.sampled_from(["rm", "prm", "lm"]), st.none(), texts),
+              "input": st.one_of(texts, st.lists(texts, max_size=3), ids, st.lists(ids, max_size=3), json_values),
+              "messages": st.one_of(st.lists(message, max_size=3), json_values),
+              "encoding_format": st.one_of(st.sampled_from(["float", "base64"]), json_values),
+              "add_generation_prompt": json_values, "chat_template_kwargs": json_values}
+    valid = st.sampled_from([{"model": "rm", "input": "ab"}, {"model": "prm", "input": [5, tag, 6, tag]},
+                             {"model": "prm", "messages": [{"role": "assistant", "content": "a<extra_0>"}]}])
+    changes = st.lists(st.sampled_from(sorted(fields)), max_size=2, unique=True).flatmap(
+        lambda names: st.fixed_dictionaries({n: fields[n] for n in names}))
+    bodies = st.one_of(json_values, st.tuples(valid, changes).map(lambda vc: {**vc[0], **vc[1]}))
+    with httpx.Client(base_url=url, timeout=60) as http:
+        @fuzz_settings(120)
+        @given(body=bodies)
+        def fuzz(body):
+            check_http(post(http, "/pooling", body))
+
+        fuzz()
+        print_outcomes("http")  # status counts, e.g. "http /pooling 200 n"
+        r = http.post("/pooling", json={"model": "prm", "input": [5, tag]})
+        assert r.status_code == 200 and len(r.json()["data"][0]["data"]) == 1
