@@ -314,6 +314,9 @@ def valid_messages(app) -> dict:
             "ClassifyTokens": pb.ClassifyTokensRequest(model=app.model_names[2], input="Ada in Paris"),
             "AnswerQuestion": pb.AnswerQuestionRequest(model=app.model_names[3], question="who?", context="Ada wrote"),
             "Embed": pb.EmbedRequest(model=app.generate_model, input=["Hello"]),
+            # the shared app serves no reward model: this one is refused (cannot do 'reward'); served
+            # rewards are fuzzed in test_serve_rewards.py
+            "Reward": pb.RewardRequest(model=app.generate_model, input=["Hello"]),
             "Tokenize": pb.TokenizeRequest(model=app.generate_model, text="Hello"),
             "Detokenize": pb.DetokenizeRequest(model=app.generate_model, token_ids=[1, 2, 3]),
             "ListModels": pb.ListModelsRequest()}
