@@ -13,10 +13,11 @@ The view is learned from the answers passing through the proxy, keyed by (route,
 - while full, requests for it are refused here, except that once the hold is over one request (a
   probe) goes through to find out, the others being refused until its answer: queue full again
   renews the hold, admitted (HTTP 200 / a first gRPC message) clears it, another error lets the next
-  request probe. A probe not answered within `PROBE_TIMEOUT_S` (= the hold; a refusal comes back
-  at once, an admitted request only with its first token) forgets the entry. So after the last
-  queue-full answer, requests are refused here for at most HOLD_S + PROBE_TIMEOUT_S (0.5 s, under
-  the 1 s Retry-After);
+  request probe. A probe not answered within the probe wait forgets the entry (a refusal comes
+  back in one round trip, an admitted request only with its first token): three times the recent
+  round trip of the refusals that came back through here (an exponential average), at least the
+  hold and at most `MAX_PROBE_WAIT_S`. So after the last queue-full answer, requests are refused
+  here for at most HOLD_S + MAX_PROBE_WAIT_S (1.25 s);
 - only a client whose credential (the `authorization` header / metadata) the ingress accepted on a
   queue-full answer is refused here (stored as SHA-256 digests): everyone else goes through to the
   ingress, which checks the key, so the proxy never needs the key and never answers a request the
@@ -44,7 +45,8 @@ from typing import Any, Callable
 from deployments.errors import QueueFullError
 
 HOLD_S = float(os.environ.get("QWEN2_SERVE_PROXY_QUEUE_FULL_HOLD_S", "0.25"))  # 0 turns the proxy view off
-PROBE_TIMEOUT_S = HOLD_S  # how long a probe's answer is awaited (a refusal comes back at once)
+PROBE_TIMEOUT_S = HOLD_S  # the least a probe's answer is awaited
+MAX_PROBE_WAIT_S = 1.0  # the most (a loaded box's refusal round trip can take most of a second)
 MAX_BODY_BYTES = 1 << 20  # a body larger than this is passed through unread
 MAX_CREDENTIALS = 64  # distinct accepted credentials remembered per entry
 MESSAGE = "The server is busy (the model's queue is full); retry later"
@@ -73,6 +75,7 @@ class AdmissionView:
                  clock: Callable[[], float] = time.monotonic):
         self.hold_s = hold_s
         self.probe_timeout_s = probe_timeout_s
+        self.refusal_s: float | None = None  # recent round trip of a refusal from behind (EWMA)
         self.clock = clock
         self._full: dict[tuple[str, str], _Full] = {}
         self.refused = 0  # requests answered here (tests and benchmarks read it)
@@ -91,10 +94,11 @@ class AdmissionView:
         if now < entry.until:
             self.refused += 1
             return True
-        if entry.probe_at is None and now < entry.until + self.probe_timeout_s:
+        wait = self.probe_wait()
+        if entry.probe_at is None and now < entry.until + wait:
             entry.probe_at = now  # this request goes through and finds out
             return False
-        if entry.probe_at is not None and now - entry.probe_at < self.probe_timeout_s:
+        if entry.probe_at is not None and now - entry.probe_at < wait:
             self.refused += 1  # waiting for the probe's answer
             return True
         # Not confirmed in time (the probe was most likely admitted: a refusal answers at once):
@@ -102,12 +106,21 @@ class AdmissionView:
         del self._full[key]
         return False
 
-    def answered(self, route: str, model: str, credential: bytes, outcome: str) -> None:
-        """A forwarded request's answer: "full" (queue full), "admitted", or "other"."""
+    def probe_wait(self) -> float:
+        """How long a probe's answer is awaited before the entry is forgotten."""
+        measured = 3.0 * self.refusal_s if self.refusal_s is not None else 0.0
+        return min(MAX_PROBE_WAIT_S, max(self.probe_timeout_s, measured))
+
+    def answered(self, route: str, model: str, credential: bytes, outcome: str,
+                 seconds: float | None = None) -> None:
+        """A forwarded request's answer: "full" (queue full), "admitted", or "other"; `seconds`:
+        how long that answer took (a refusal's round trip sets the probe wait)."""
         key = (route, model)
         if outcome == "full":
             if self.hold_s <= 0:
                 return
+            if seconds is not None:
+                self.refusal_s = seconds if self.refusal_s is None else 0.8 * self.refusal_s + 0.2 * seconds
             entry = self._full.get(key)
             if entry is None:
                 entry = self._full[key] = _Full(0.0)
@@ -161,6 +174,7 @@ class QueueFullMiddleware:
         if scope["type"] != "http" or scope.get("method") != "POST" or self.view.hold_s <= 0:
             return await self.app(scope, receive, send)
         route = scope.get("path", "")
+        start = self.view.clock()
         credential = credential_digest(_header(scope, b"authorization"))
         received: list[bytes] = []  # the body as read (by us or by Serve's proxy), for learning
         size = 0
@@ -205,7 +219,7 @@ class QueueFullMiddleware:
                 if outcome == "full" or self.view.watching(route):
                     model = requested_model(b"".join(received)) if complete and size <= MAX_BODY_BYTES else None
                     if model is not None:
-                        self.view.answered(route, model, credential, outcome)
+                        self.view.answered(route, model, credential, outcome, self.view.clock() - start)
             await send(message)
 
         await self.app(scope, replaying_receive, watching_send)

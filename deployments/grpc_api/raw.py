@@ -110,7 +110,8 @@ def _grpc_outcome(context, admitted: bool) -> str:
 
 async def _refuse_if_full(view, method: str, request, context):
     """Before Serve's handler: answer RESOURCE_EXHAUSTED here when the view says the model's queue
-    is full. Returns (model, credential) for learning from the answer, or None."""
+    is full. Returns the caller's credential digest for learning from the answer (None: a method
+    the view does not cover)."""
     if method not in ADMISSION_METHODS or view.hold_s <= 0:
         return None
     credential = admission.grpc_credential(context)
@@ -121,14 +122,14 @@ async def _refuse_if_full(view, method: str, request, context):
     return credential
 
 
-def _learn(view, method: str, request, context, credential, admitted: bool) -> None:
+def _learn(view, method: str, request, context, credential, admitted: bool, start: float) -> None:
     if credential is None:
         return
     outcome = _grpc_outcome(context, admitted)
     if outcome == "full" or view.watching(method):
         model = _requested_model(request)
         if model is not None:
-            view.answered(method, model, credential, outcome)
+            view.answered(method, model, credential, outcome, view.clock() - start)
 
 
 def _tracking_factory(factory):
@@ -141,25 +142,27 @@ def _tracking_factory(factory):
         if inspect.isasyncgenfunction(handler):
             async def stream(request, context):
                 _RPC_TASKS.add(asyncio.current_task())
+                start = view.clock()
                 credential = await _refuse_if_full(view, service_method, request, context)
                 admitted = False
                 try:
                     async for message in handler(request, context):
                         if not admitted:
                             admitted = True
-                            _learn(view, service_method, request, context, credential, True)
+                            _learn(view, service_method, request, context, credential, True, start)
                         yield message
                 finally:
                     if not admitted:
-                        _learn(view, service_method, request, context, credential, False)
+                        _learn(view, service_method, request, context, credential, False, start)
             return stream
 
         async def unary(request, context):
             _RPC_TASKS.add(asyncio.current_task())
+            start = view.clock()
             credential = await _refuse_if_full(view, service_method, request, context)
             result = await handler(request, context)
             code = context.code()
-            _learn(view, service_method, request, context, credential, code in (None, grpc.StatusCode.OK))
+            _learn(view, service_method, request, context, credential, code in (None, grpc.StatusCode.OK), start)
             return result
         return unary
     return make

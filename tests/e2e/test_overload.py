@@ -17,9 +17,13 @@ proxy decided some of them (the view works); printed: where they were decided an
 from __future__ import annotations
 
 import concurrent.futures as cf
+import http.client
+import json
 import statistics
 import threading
 import time
+import urllib.parse
+from dataclasses import dataclass
 
 import grpc
 import httpx
@@ -81,21 +85,53 @@ def busy_router(serve_app):
                                    "max_waiting": old["max_waiting"]}).result(timeout_s=30)
 
 
-def burst(fn, n: int = BURST, rounds: int = ROUNDS) -> list[tuple[float, object]]:
-    """n clients, each calling fn `rounds` times back to back -> [(seconds, result)]."""
+def burst(open_client, n: int = BURST, rounds: int = ROUNDS) -> list[tuple[float, object]]:
+    """n clients in threads, each with its own connection: `open_client()` -> (call, close) opens
+    and warms it before the start line; then `call()` `rounds` times back to back ->
+    [(seconds, result)]. A lean client (one keep-alive connection per thread, http.client / a
+    gRPC channel each) so the figures measure the server more than the client's own contention."""
     barrier = threading.Barrier(n)
 
     def client(i):
-        barrier.wait()
-        out = []
-        for _ in range(rounds):
-            t = time.perf_counter()
-            result = fn(i)
-            out.append((time.perf_counter() - t, result))
-        return out
+        call, close = open_client()
+        try:
+            barrier.wait()
+            out = []
+            for _ in range(rounds):
+                t = time.perf_counter()
+                result = call()
+                out.append((time.perf_counter() - t, result))
+            return out
+        finally:
+            close()
 
     with cf.ThreadPoolExecutor(n) as pool:
         return [x for per_client in pool.map(client, range(n)) for x in per_client]
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+def http_client(serve_app, method: str, path: str, body: dict | None = None):
+    """An `open_client` for `burst`: one http.client connection, warmed with GET /health."""
+    def open_client():
+        url = urllib.parse.urlsplit(serve_app.http_url)
+        conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+        conn.request("GET", "/health")
+        conn.getresponse().read()
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json", **serve_app.headers}
+
+        def call() -> Answer:
+            conn.request(method, path, body=data, headers=headers)
+            r = conn.getresponse()
+            return Answer(r.status, {k.lower(): v for k, v in r.getheaders()}, r.read())
+        return call, conn.close
+    return open_client
 
 
 def summary(latencies: list[float]) -> str:
@@ -114,20 +150,19 @@ def report(name: str, results: list[tuple[float, bool]], reference: list[float])
 
 
 def health_reference(serve_app) -> list[float]:
-    with httpx.Client(base_url=serve_app.http_url, timeout=60) as c:
-        return [lat for lat, _ in burst(lambda i: c.get("/health"))]
+    return [lat for lat, _ in burst(http_client(serve_app, "GET", "/health"))]
 
 
 def test_http_queue_full_is_a_fast_429(serve_app, busy_router):
     body = {"model": serve_app.generate_model, "prompt": "Hello", "max_tokens": 4}
     with httpx.Client(base_url=serve_app.http_url, headers=serve_app.headers, timeout=60) as c:
-        c.get("/v1/models")  # connection warm-up
         assert c.post("/v1/completions", json=body).status_code == 429  # teaches the views
-        results = burst(lambda i: c.post("/v1/completions", json=body))
+    results = burst(http_client(serve_app, "POST", "/v1/completions", body))
     for _, r in results:
-        assert r.status_code == 429, r.text
+        assert r.status == 429, r.body
         assert r.headers["retry-after"] == "1"
-        assert r.json()["error"]["code"] == "queue_full" and r.json()["error"]["type"] == "rate_limit_error"
+        error = json.loads(r.body)["error"]
+        assert error["code"] == "queue_full" and error["type"] == "rate_limit_error"
     report("HTTP 429", [(lat, r.headers.get("x-qwen2-refused-by") == "proxy") for lat, r in results],
            health_reference(serve_app))
     stats = serve_app.router_stats(serve_app.generate_model)
@@ -136,20 +171,25 @@ def test_http_queue_full_is_a_fast_429(serve_app, busy_router):
 
 def test_grpc_queue_full_is_a_fast_resource_exhausted(serve_app, busy_router):
     md = (("authorization", f"Bearer {serve_app.api_key}"),)
-    with grpc.insecure_channel(serve_app.grpc_target) as ch:
+    req = pb.GenerateRequest(model=serve_app.generate_model, prompt="Hello", max_tokens=4)
+
+    def open_client():
+        ch = grpc.insecure_channel(serve_app.grpc_target)
         stub = pb_grpc.Qwen2ServeStub(ch)
         stub.ListModels(pb.ListModelsRequest(), metadata=md, timeout=30)
 
-        def call(i):
+        def call():
             try:
-                stub.Generate(pb.GenerateRequest(model=serve_app.generate_model, prompt="Hello", max_tokens=4),
-                              metadata=md, timeout=60)
+                stub.Generate(req, metadata=md, timeout=60)
                 return None
             except grpc.RpcError as e:
                 return e
+        return call, ch.close
 
-        assert call(0) is not None  # teaches the views
-        results = burst(call)
+    call, close = open_client()
+    assert call() is not None  # teaches the views
+    close()
+    results = burst(open_client)
     for _, e in results:
         assert e is not None and e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e
         assert dict(e.trailing_metadata() or ()).get("retry-after") == "1"

@@ -68,6 +68,19 @@ def test_an_admitted_probe_clears_and_an_old_entry_is_forgotten():
     assert not view.refuse(ROUTE, "m", KEY) and not view.refuse(ROUTE, "m", KEY)
 
 
+def test_the_probe_wait_follows_the_refusals_round_trip():
+    clock = Clock()
+    view = AdmissionView(hold_s=0.25, probe_timeout_s=0.25, clock=clock)
+    view.answered(ROUTE, "m", KEY, "full", seconds=0.3)  # a loaded box: refusals take 0.3 s
+    assert abs(view.probe_wait() - 0.9) < 1e-9
+    clock.now += 0.3
+    assert not view.refuse(ROUTE, "m", KEY)  # the probe
+    clock.now += 0.6
+    assert view.refuse(ROUTE, "m", KEY)  # its answer may still be on its way
+    view.answered(ROUTE, "m", KEY, "full", seconds=5.0)
+    assert view.probe_wait() == 1.0  # never more than MAX_PROBE_WAIT_S
+
+
 def test_hold_zero_turns_the_view_off():
     view = AdmissionView(hold_s=0.0)
     view.answered(ROUTE, "m", KEY, "full")
