@@ -108,17 +108,23 @@ def _grpc_outcome(context, admitted: bool) -> str:
     return "other"
 
 
-async def _refuse_if_full(view, method: str, request, context):
-    """Before Serve's handler: answer RESOURCE_EXHAUSTED here when the view says the model's queue
-    is full. Returns the caller's credential digest for learning from the answer (None: a method
-    the view does not cover)."""
+_REFUSED = object()  # _check_view's answer when it has set RESOURCE_EXHAUSTED on the context
+
+
+def _check_view(view, method: str, request, context):
+    """Before Serve's handler: when the view says the model's queue is full, set RESOURCE_EXHAUSTED
+    on the context (no exception: grpc.aio's abort path costs more) and return `_REFUSED`; else
+    the caller's credential digest for learning from the answer (None: a method the view does not
+    cover)."""
     if method not in ADMISSION_METHODS or view.hold_s <= 0:
         return None
     credential = admission.grpc_credential(context)
     model = _requested_model(request) if view.watching(method) else None
     if model is not None and view.refuse(method, model, credential):
-        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, admission.MESSAGE,
-                            trailing_metadata=(("retry-after", "1"), ("error-code", "queue_full"), admission.REFUSED_BY))
+        context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
+        context.set_details(admission.MESSAGE)
+        context.set_trailing_metadata((("retry-after", "1"), ("error-code", "queue_full"), admission.REFUSED_BY))
+        return _REFUSED
     return credential
 
 
@@ -143,7 +149,9 @@ def _tracking_factory(factory):
             async def stream(request, context):
                 _RPC_TASKS.add(asyncio.current_task())
                 start = view.clock()
-                credential = await _refuse_if_full(view, service_method, request, context)
+                credential = _check_view(view, service_method, request, context)
+                if credential is _REFUSED:
+                    return
                 admitted = False
                 try:
                     async for message in handler(request, context):
@@ -159,7 +167,9 @@ def _tracking_factory(factory):
         async def unary(request, context):
             _RPC_TASKS.add(asyncio.current_task())
             start = view.clock()
-            credential = await _refuse_if_full(view, service_method, request, context)
+            credential = _check_view(view, service_method, request, context)
+            if credential is _REFUSED:
+                return b""
             result = await handler(request, context)
             code = context.code()
             _learn(view, service_method, request, context, credential, code in (None, grpc.StatusCode.OK), start)
