@@ -40,31 +40,40 @@ def ensure_checkpoint(path: Path, dtype: str, tokenizer_dir: Path | None) -> Pat
     return path
 
 
+def process_tree(root: int, with_titles: bool = False) -> dict[int, tuple[str, float]]:
+    """pid -> (command line if `with_titles` else "", CPU seconds so far: utime + stime) for `root`
+    and every live descendant, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    info, children = {}, {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = Path(entry.path, "stat").read_text()
+            title = Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip() \
+                if with_titles else ""
+        except OSError:
+            continue
+        fields = raw[raw.rindex(")") + 2:].split()  # after "pid (comm) "
+        pid, ppid = int(entry.name), int(fields[1])
+        info[pid] = (title, (int(fields[11]) + int(fields[12])) / tick)
+        children.setdefault(ppid, []).append(pid)
+    tree, todo = {}, [root]
+    while todo:
+        pid = todo.pop()
+        if pid in info:
+            tree[pid] = info[pid]
+        todo.extend(children.get(pid, ()))
+    return tree
+
+
 def tree_cpu_seconds(root: int) -> float:
     """CPU seconds (user + system) used so far by the live processes under `root`, root included.
 
     On a shared machine wall-clock throughput swings with the neighbours' load; CPU seconds per
     output token says what the system itself spends (Ray's processes are the CLI's descendants).
     """
-    tick = os.sysconf("SC_CLK_TCK")
-    stats, children = {}, {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            raw = Path(entry.path, "stat").read_text()
-        except OSError:
-            continue
-        fields = raw[raw.rindex(")") + 2:].split()  # after "pid (comm) "
-        pid, ppid = int(entry.name), int(fields[1])
-        stats[pid] = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
-        children.setdefault(ppid, []).append(pid)
-    total, todo = 0.0, [root]
-    while todo:
-        pid = todo.pop()
-        total += stats.get(pid, 0.0)
-        todo.extend(children.get(pid, ()))
-    return total
+    return sum(cpu for _, cpu in process_tree(root).values())
 
 
 def find_vllm_python() -> Path | None:

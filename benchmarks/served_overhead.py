@@ -35,34 +35,9 @@ for p in (str(HERE.parent), str(HERE)):
         sys.path.insert(0, p)
 
 from load_client import GrpcClient, HttpClient, run_load, summarize  # noqa: E402
-from load_servers import QwenServer  # noqa: E402
+from load_servers import QwenServer, process_tree  # noqa: E402
 
 MODEL = "qwen2-demo"
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def process_tree(root: int) -> dict[int, tuple[str, float]]:
-    """pid -> (process title, CPU seconds so far) for `root` and every live descendant."""
-    info, children = {}, {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            raw = Path(entry.path, "stat").read_text()
-            title = Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-        except OSError:
-            continue
-        fields = raw[raw.rindex(")") + 2:].split()
-        pid, ppid = int(entry.name), int(fields[1])
-        info[pid] = (title, (int(fields[11]) + int(fields[12])) / TICK)
-        children.setdefault(ppid, []).append(pid)
-    out, todo = {}, [root]
-    while todo:
-        pid = todo.pop()
-        if pid in info:
-            out[pid] = info[pid]
-        todo.extend(children.get(pid, ()))
-    return out
 
 
 def group_of(title: str) -> str:
@@ -144,14 +119,14 @@ def main() -> None:
         for proto in args.protocols.split(","):
             client = (HttpClient(server.base_url, MODEL) if proto == "http"
                       else GrpcClient(server.grpc_target, MODEL))
-            before = process_tree(server.proc.pid)
+            before = process_tree(server.proc.pid, with_titles=True)
             spies = []
             if args.py_spy:
                 named = {group_of(t): pid for pid, (t, _) in before.items()
                          if group_of(t) in ("ProxyActor", "replica Ingress") or group_of(t).startswith("replica router")}
                 spies = spy(named, 20, out, proto)
             results, seconds = asyncio.run(load(client, work, args.concurrency))
-            after = process_tree(server.proc.pid)
+            after = process_tree(server.proc.pid, with_titles=True)
             for s in spies:
                 s.wait()
             summary = summarize(results, seconds, 1e9, 1e9)
