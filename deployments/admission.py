@@ -42,14 +42,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from deployments.errors import QueueFullError
+from deployments.errors import QUEUE_FULL_MESSAGE, QueueFullError
 
 HOLD_S = float(os.environ.get("QWEN2_SERVE_PROXY_QUEUE_FULL_HOLD_S", "0.25"))  # 0 turns the proxy view off
 PROBE_TIMEOUT_S = HOLD_S  # the least a probe's answer is awaited
 MAX_PROBE_WAIT_S = 1.0  # the most (a loaded box's refusal round trip can take most of a second)
 MAX_BODY_BYTES = 1 << 20  # a body larger than this is passed through unread
 MAX_CREDENTIALS = 64  # distinct accepted credentials remembered per entry
-MESSAGE = "The server is busy (the model's queue is full); retry later"
+MESSAGE = QUEUE_FULL_MESSAGE  # word for word what the ingress says
 REFUSED_BY = ("x-qwen2-refused-by", "proxy")  # a header / trailing metadata on the refusals made here
 # Ray Serve's hook that installs QueueFullMiddleware in its HTTP proxy (read when the proxy starts).
 PROXY_CALLBACK_ENV = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "deployments.admission.proxy_middlewares"}

@@ -149,10 +149,14 @@ class ModelNotFoundError(ServeError):
         super().__init__(f"The model '{model}' does not exist{hint}", param="model")
 
 
+BUSY = "The server is busy"  # how every queue-full message starts (Serve's gRPC proxy matches on it)
+QUEUE_FULL_MESSAGE = f"{BUSY} (the model's queue is full); retry later"
+
+
 class QueueFullError(ServeError):
     code = ErrorCode.QUEUE_FULL
 
-    def __init__(self, message: str = "The server is busy; retry later", *, retry_after: float = 1.0):
+    def __init__(self, message: str = f"{BUSY}; retry later", *, retry_after: float = 1.0):
         super().__init__(message, retry_after=retry_after)
 
 
@@ -204,7 +208,7 @@ def to_serve_error(exc: BaseException) -> ServeError:
     from ray.serve import exceptions as sex
 
     if isinstance(exc, sex.BackPressureError):
-        return QueueFullError(f"The server is busy ({exc}); retry later", retry_after=1.0)
+        return QueueFullError(f"{BUSY} ({exc}); retry later", retry_after=1.0)
     if isinstance(exc, (rex.RayActorError, rex.ActorDiedError, rex.ActorUnavailableError)):
         return UnavailableError(f"The model replica is not available: {name}")
     if isinstance(exc, sex.DeploymentUnavailableError):

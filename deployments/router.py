@@ -32,6 +32,7 @@ from typing import AsyncIterator
 
 from deployments.checkpoints import resolve_model_path
 from deployments.errors import (
+    BUSY,
     ContextLengthExceededError,
     InvalidRequestError,
     QueueFullError,
@@ -61,7 +62,7 @@ def map_engine_error(exc: BaseException) -> BaseException:
         cls = ContextLengthExceededError if exc.code == "context_length_exceeded" else InvalidRequestError
         return cls(str(exc), param=exc.param)
     if isinstance(exc, QueueFull):
-        return QueueFullError(f"The server is busy ({exc}); retry later", retry_after=1.0)
+        return QueueFullError(f"{BUSY} ({exc}); retry later", retry_after=1.0)
     if isinstance(exc, EngineDead):
         return UnavailableError(f"The model's workers are not available: {exc}")
     return exc

@@ -28,6 +28,7 @@ from typing import Any, AsyncIterator
 
 from deployments import metrics
 from deployments.errors import (
+    QUEUE_FULL_MESSAGE,
     InvalidRequestError,
     ModelNotFoundError,
     QueueFullError,
@@ -316,7 +317,7 @@ class Frontend:
         """
         start = time.monotonic()
         if start < self._queue_full_until.get(entry.base_name, 0.0):
-            raise QueueFullError("The server is busy (the model's queue is full); retry later", retry_after=1.0)
+            raise QueueFullError(QUEUE_FULL_MESSAGE, retry_after=1.0)
         parse_reasoning = parse_reasoning and entry.reasoning_parser is not None
         options = self._with_model_options(entry, options, parse_reasoning)
         options.validate(self.limits)

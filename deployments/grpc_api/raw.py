@@ -36,6 +36,7 @@ import weakref
 import grpc
 
 from deployments import admission
+from deployments.errors import BUSY
 from protos.qwen2_serve.v1 import qwen2_serve_pb2 as pb
 
 SERVICE_NAME = "qwen2_serve.v1.Qwen2Serve"
@@ -101,7 +102,7 @@ def _grpc_outcome(context, admitted: bool) -> str:
     # A stream's error reaches the proxy without trailing metadata: the code and the message say it.
     try:
         if context.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and \
-                (context.details() or "").startswith("The server is busy"):
+                (context.details() or "").startswith(BUSY):
             return "full"
     except Exception:  # noqa: BLE001
         pass
