@@ -33,8 +33,7 @@ from .reward import Qwen2ForProcessRewardModel, Qwen2ForRewardModel
 logger = logging.getLogger(__name__)
 
 # config.json's `architectures[0]` -> the class built (modeling.py's decoder and heads, reward.py's).
-MODEL_CLASSES = {**DECODER_CLASSES, "Qwen2ForRewardModel": Qwen2ForRewardModel,
-                 "Qwen2ForProcessRewardModel": Qwen2ForProcessRewardModel}
+MODEL_CLASSES = {**DECODER_CLASSES, **{cls.__name__: cls for cls in (Qwen2ForRewardModel, Qwen2ForProcessRewardModel)}}
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
