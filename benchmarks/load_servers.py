@@ -174,6 +174,7 @@ class QwenServer(Server):
                "--max-model-len", str(a.max_model_len), "--max-num-seqs", str(a.max_num_seqs),
                "--max-num-batched-tokens", str(a.max_num_batched_tokens),
                "--prefill-step-ratio", str(a.prefill_step_ratio or 0),
+               "--prefill-drain-steps", str(a.prefill_drain_steps or 0),
                "--port", str(self.port), "--grpc-port", str(self.grpc_port), "--metrics-port", str(self.metrics_port),
                "--torch-threads", str(a.threads)]
         if a.max_prefill_tokens:
@@ -216,7 +217,8 @@ def run_engine_alone(args, checkpoint: Path, work_path: Path, out_path: Path, *,
            "--dtype", args.dtype, "--kv-cache-memory", str(args.kv_cache_memory),
            "--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.max_num_seqs),
            "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--threads", str(args.threads),
-           "--prefill-step-ratio", str(args.prefill_step_ratio or 0), "--seed", str(args.seed)]
+           "--prefill-step-ratio", str(args.prefill_step_ratio or 0),
+           "--prefill-drain-steps", str(args.prefill_drain_steps or 0), "--seed", str(args.seed)]
     if args.max_prefill_tokens:
         cmd += ["--max-prefill-tokens", str(args.max_prefill_tokens)]
     if concurrency:

@@ -324,7 +324,8 @@ def cmd_engine(args) -> int:
     engine = Engine(executor, EngineConfig(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                                            max_num_batched_tokens=args.max_num_batched_tokens,
                                            max_prefill_tokens=args.max_prefill_tokens,
-                                           prefill_step_ratio=args.prefill_step_ratio or None))
+                                           prefill_step_ratio=args.prefill_step_ratio or None,
+                                           prefill_drain_steps=args.prefill_drain_steps or None))
     for i, w in enumerate(work[:2]):  # warm-up, as the clients do
         engine.add_request(f"warm{i}", w.prompt_token_ids[::-1][:15], SamplingParams(max_tokens=4, temperature=0.0,
                                                                                 ignore_eos=True))
@@ -391,6 +392,7 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--max-prefill-tokens", type=int, default=None)
     p.add_argument("--prefill-step-ratio", type=float, default=2.0, help="0: off")
+    p.add_argument("--prefill-drain-steps", type=int, default=4, help="0: off")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                    help="torch threads of the engine / the Router replica (default: this machine's CPUs)")
     p.add_argument("--seed", type=int, default=0)

@@ -111,7 +111,8 @@ def main() -> None:
     rng = random.Random(0)
     work = [Work([rng.randrange(500) for _ in range(args.prompt_len)], args.max_tokens) for _ in range(args.requests)]
     server_args = SimpleNamespace(dtype="float32", kv_cache_memory=64 << 20, max_model_len=1024, max_num_seqs=64,
-                                  max_num_batched_tokens=512, prefill_step_ratio=2.0, max_prefill_tokens=None,
+                                  max_num_batched_tokens=512, prefill_step_ratio=2.0, prefill_drain_steps=4,
+                                  max_prefill_tokens=None,
                                   threads=1)
     server = QwenServer(out / "server.log", "demo:causal_lm", MODEL, server_args)
     rows = {}

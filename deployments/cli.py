@@ -93,6 +93,10 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prefill-step-ratio", type=float, default=2.0,
                    help="while sequences decode, a step with prompt tokens takes at most this many times a "
                         "decode-only step (measured; 0 turns it off; default: %(default)s)")
+    g.add_argument("--prefill-drain-steps", type=int, default=4,
+                   help="while more requests wait for their prompts than sequences decode, a step may carry 1/N "
+                        "of the pending prompt tokens whatever --prefill-step-ratio allows, so a burst prefills in "
+                        "big chunks (0 turns it off; default: %(default)s)")
     g.add_argument("--torch-threads", type=int, default=None,
                    help="torch threads per Router replica (default: the local machine's CPUs (--num-cpus) shared "
                         "among the replicas; with --address, each replica's node's CPUs)")
@@ -141,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _engine_options(args) -> dict:
     engine = {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
               "max_waiting": args.max_waiting, "max_prefill_tokens": args.max_prefill_tokens,
-              "prefill_step_ratio": args.prefill_step_ratio or None}
+              "prefill_step_ratio": args.prefill_step_ratio or None,
+              "prefill_drain_steps": args.prefill_drain_steps or None}
     if args.max_model_len:
         engine["max_model_len"] = args.max_model_len
     return engine

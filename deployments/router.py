@@ -51,7 +51,8 @@ logger = logging.getLogger("ray.serve")
 
 # Knobs `reconfigure` accepts (serve_config.yaml `user_config`).
 USER_CONFIG_KEYS = ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "pooled_batch_wait_ms",
-                    "pooled_max_batch_size", "max_prefill_tokens", "prefill_step_ratio")
+                    "pooled_max_batch_size", "max_prefill_tokens", "prefill_step_ratio",
+                    "prefill_drain_steps")
 
 
 def map_engine_error(exc: BaseException) -> BaseException:
@@ -253,6 +254,7 @@ class Router:
             "max_waiting": self.engine.config.max_waiting,
             "max_prefill_tokens": self.engine.scheduler.config.max_prefill_tokens,
             "prefill_step_ratio": self.engine.scheduler.config.prefill_step_ratio,
+            "prefill_drain_steps": self.engine.scheduler.config.prefill_drain_steps,
             "pooled_batch_wait_ms": self.pooled_batch_wait_ms,
             "pooled_max_batch_size": self.pooled_max_batch_size,
         }
@@ -301,6 +303,12 @@ class Router:
                     raise ValueError(f"prefill_step_ratio must be > 1 or null, got {v}")
                 v = None if v is None else float(v)
                 engine.scheduler.config.prefill_step_ratio = engine.config.prefill_step_ratio = v
+            if "prefill_drain_steps" in user_config:
+                v = user_config["prefill_drain_steps"]
+                if v is not None and int(v) < 1:
+                    raise ValueError(f"prefill_drain_steps must be >= 1 or null, got {v}")
+                v = None if v is None else int(v)
+                engine.scheduler.config.prefill_drain_steps = engine.config.prefill_drain_steps = v
 
         self.async_engine.reconfigure(change)
         if "pooled_batch_wait_ms" in user_config:

@@ -54,6 +54,7 @@ class EngineConfig:
     # and the adaptive one, a step with prompt tokens within this many times a decode-only step.
     max_prefill_tokens: int | None = None
     prefill_step_ratio: float | None = 2.0
+    prefill_drain_steps: int | None = 4  # while more prompts wait than decode, a step may carry 1/this of them
     max_waiting: int = 1024  # queued requests beyond this are refused (429)
     enable_prefix_caching: bool = True
     # What one request may ask for (n, max_tokens, logprobs, ...): the ingress checks the same object.
@@ -156,7 +157,8 @@ class Engine:
                                    self.config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens,
                                                    max_prefill_tokens=self.config.max_prefill_tokens,
-                                                   prefill_step_ratio=self.config.prefill_step_ratio),
+                                                   prefill_step_ratio=self.config.prefill_step_ratio,
+                                                   prefill_drain_steps=self.config.prefill_drain_steps),
                                    self.blocks)
         self.requests: dict[str, list[Sequence]] = {}
         # LoRA: registered adapters by name, and those in a model slot (LRU first).

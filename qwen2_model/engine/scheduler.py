@@ -12,7 +12,20 @@ so while anything decodes, the prompt tokens of a step are capped (the *prefill 
 `max_prefill_tokens` when set, and, with `prefill_step_ratio` r, at most what keeps the step within
 r times a decode-only step, by a cost model fitted online to the measured step times
 (`StepCostModel`: seconds = a + b * tokens). A step with no decodes uses the whole token budget (no
-stream waits on it). Why adaptive: the cost of a prompt token relative to a decode step differs by
+stream waits on it).
+
+A crowd of prompts lifts the adaptive cap (not `max_prefill_tokens`, the operator's hard cap): when
+more requests wait for their prompts than streams decode, a step may carry 1/`prefill_drain_steps`
+of the prompt tokens pending (of the sequences that could run now), so a burst is prefilled in a
+few big chunks instead of trickling in at the decodes' pace. Why: on a CPU a prompt token costs
+about as much as a decode, so the ratio cap alone admits only ~(r - 1) x decodes prompt tokens
+per step; with 31 requests queued behind one stream, that keeps 31 users waiting (and the batch
+small) to spare one stream a longer gap. The decoding streams wait for the same prefill work
+whatever the chunk size (the chunk size only spreads it), so while the waiting outnumber them,
+big chunks (fewer steps: throughput and TTFT) win; once they do not (the steady state, or one long
+prompt arriving while others decode) the ratio holds and inter-token latency stays smooth.
+
+Why adaptive: the cost of a prompt token relative to a decode step differs by
 orders of magnitude between a 2-core CPU (compute-bound: every token costs) and a GPU (a decode step
 is bound by reading the weights, so a few hundred prompt tokens ride along almost free); a ratio of
 measured times means the same thing on both, a fixed token count does not.
@@ -119,6 +132,8 @@ class SchedulerConfig:
     max_prefill_tokens: int | None = None
     prefill_step_ratio: float | None = 2.0
     min_prefill_tokens: int = 16
+    # ... but while more prompts wait than sequences decode, a step may carry 1/this of them (None: never).
+    prefill_drain_steps: int | None = 4
 
 
 class StepCostModel:
@@ -214,16 +229,28 @@ class Scheduler:
                 if victim is seq:
                     return False
 
+    def pending_prompts(self) -> tuple[int, int]:
+        """(sequences, tokens) of prompt (or recompute) work pending for the sequences that could run
+        now: the running ones mid-prompt and the waiting ones that fit in `max_num_seqs`."""
+        slots = max(self.config.max_num_seqs - len(self.running), 0)
+        pending = [s for s in self.running if s.prefilling] + list(itertools.islice(self.waiting, slots))
+        return len(pending), sum(s.num_tokens - s.num_computed for s in pending)
+
     def prefill_budget(self, decodes: int) -> int | None:
         """The cap on prompt tokens in a step that carries `decodes` decodes (None: no cap)."""
         if not decodes:
             return None
         cfg = self.config
         caps = []
-        if cfg.max_prefill_tokens is not None:
+        if cfg.max_prefill_tokens is not None:  # the operator's hard cap
             caps.append(cfg.max_prefill_tokens)
         if cfg.prefill_step_ratio is not None and self.cost.ready:
-            caps.append(self.cost.prefill_budget(decodes, cfg.prefill_step_ratio))
+            ratio_cap = self.cost.prefill_budget(decodes, cfg.prefill_step_ratio)
+            if cfg.prefill_drain_steps:  # a crowd waiting lifts the adaptive cap (module docstring)
+                num_pending, pending_tokens = self.pending_prompts()
+                if num_pending > decodes:
+                    ratio_cap = max(ratio_cap, -(-pending_tokens // cfg.prefill_drain_steps))
+            caps.append(ratio_cap)
         if not caps:
             return None
         return max(min(caps), cfg.min_prefill_tokens)

@@ -100,14 +100,15 @@ def test_serve_deploy_and_live_user_config(tmp_path):
         time.sleep(1)
         for d in config["applications"][0]["deployments"]:
             if d["name"] == "router-qwen2-demo":
-                d["user_config"].update(max_num_seqs=7, max_waiting=77, pooled_batch_wait_ms=2)
+                assert d["user_config"]["prefill_drain_steps"] == 4  # the scheduler knobs are in the file
+                d["user_config"].update(max_num_seqs=7, max_waiting=77, pooled_batch_wait_ms=2, prefill_drain_steps=2)
         cfg_path.write_text(yaml.safe_dump(config))
         before = successes[0]
         subprocess.run([str(BIN / "serve"), "deploy", str(cfg_path), "-a", address], check=True, env=env, cwd=REPO,
                        timeout=120)
         live = _wait(lambda: (c := httpx.get(f"{url}/ready", timeout=5).json()["models"]["qwen2-demo"]["config"])
                      ["max_num_seqs"] == 7 and c, 120, "the new user_config")
-        assert live["max_waiting"] == 77 and live["pooled_batch_wait_ms"] == 2
+        assert live["max_waiting"] == 77 and live["pooled_batch_wait_ms"] == 2 and live["prefill_drain_steps"] == 2
         time.sleep(2)
         stop.set()
         loader.join(timeout=60)

@@ -204,3 +204,59 @@ def test_the_adaptive_budget_never_stops_a_prompt():
     scheduled = _run_step(scheduler, clock, (0.0, 0.1))
     assert scheduler.last_prefill_budget == 16  # 0.1 * 4 decodes' time = 0 tokens: the floor
     assert next(s.num_new_tokens for s in scheduled if s.seq is long) == 16
+
+
+def _warm_cost_model(scheduler: Scheduler, clock: list[float], cost: tuple[float, float], decoders: int) -> None:
+    for i in range(decoders):
+        scheduler.add(make_seq(f"d{i}", 8 + i))
+    for _ in range(5):  # the prompts, then decode-only steps: the model has two step sizes
+        _run_step(scheduler, clock, cost)
+    assert scheduler.cost.ready
+
+
+def _prefill_burst(drain_steps: int | None) -> tuple[int, float, list[int]]:
+    """31 prompts of 64 tokens queued behind one decoding stream: (steps, seconds, prompt tokens per
+    step) until every one has its first token, on a fake clock of 0.09 s + 4 ms a token."""
+    a, b = 0.09, 0.004
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=512, prefill_step_ratio=2.0,
+                                          prefill_drain_steps=drain_steps), BlockManager(800, 16))
+    clock = [0.0]
+    scheduler.clock = lambda: clock[0]
+    _warm_cost_model(scheduler, clock, (a, b), decoders=1)
+    burst = [make_seq(f"b{i}", 64) for i in range(31)]
+    for seq in burst:
+        scheduler.add(seq)
+    start, chunks = clock[0], []
+    while not all(seq.output_token_ids for seq in burst):
+        scheduled = _run_step(scheduler, clock, (a, b))
+        assert any(s.seq.request_id == "d0" and s.num_new_tokens == 1 for s in scheduled)  # the stream decodes on
+        chunks.append(sum(s.num_new_tokens for s in scheduled if s.seq in burst))
+    return len(chunks), clock[0] - start, chunks
+
+
+def test_a_burst_of_waiting_prompts_lifts_the_ratio_cap():
+    """With more requests waiting than streams decoding, a step carries 1/prefill_drain_steps of the
+    pending prompt tokens (the ratio alone allows ~(a + b) / b = 23 behind one stream), so the
+    burst is prefilled in less than half the steps; without the lift it trickles in."""
+    steps, seconds, chunks = _prefill_burst(drain_steps=4)
+    assert chunks[0] == -(-31 * 64 // 4)  # 1984 pending tokens / 4 = 496 (of the 511 the step has room for)
+    ratio_steps, ratio_seconds, ratio_chunks = _prefill_burst(drain_steps=None)
+    assert max(ratio_chunks) < 100 < chunks[0]
+    assert steps < ratio_steps / 2 and seconds < 0.8 * ratio_seconds  # fewer steps, each paying a = 0.09 s
+
+
+def test_a_long_prompt_behind_fewer_streams_keeps_the_ratio_cap():
+    """One request waiting (a long prompt) while 8 stream decode is no crowd: the ratio holds."""
+    a, b = 0.1, 0.002
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=512, prefill_step_ratio=2.0,
+                                          prefill_drain_steps=4), BlockManager(400, 16))
+    clock = [0.0]
+    scheduler.clock = lambda: clock[0]
+    _warm_cost_model(scheduler, clock, (a, b), decoders=8)
+    long = make_seq("long", 1000)
+    scheduler.add(long)
+    decode_only = a + b * 8
+    while not long.output_token_ids:
+        before = clock[0]
+        _run_step(scheduler, clock, (a, b))
+        assert clock[0] - before <= 2.0 * decode_only + 1e-9
