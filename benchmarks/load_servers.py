@@ -179,6 +179,8 @@ class QwenServer(Server):
                "--torch-threads", str(a.threads)]
         if a.max_prefill_tokens:
             cmd += ["--max-prefill-tokens", str(a.max_prefill_tokens)]
+        if getattr(a, "stream_interval", 1) > 1:
+            cmd += ["--stream-interval", str(a.stream_interval)]
         return cmd
 
 
@@ -193,10 +195,13 @@ class VllmServer(Server):
 
     def command(self) -> list[str]:
         a = self.args
-        return [str(self.python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.checkpoint),
-                "--served-model-name", self.model, "--host", "127.0.0.1", "--port", str(self.port),
-                "--dtype", a.dtype, "--max-model-len", str(a.max_model_len), "--max-num-seqs", str(a.max_num_seqs),
-                "--max-num-batched-tokens", str(a.max_num_batched_tokens), "--disable-log-stats"]
+        cmd = [str(self.python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.checkpoint),
+               "--served-model-name", self.model, "--host", "127.0.0.1", "--port", str(self.port),
+               "--dtype", a.dtype, "--max-model-len", str(a.max_model_len), "--max-num-seqs", str(a.max_num_seqs),
+               "--max-num-batched-tokens", str(a.max_num_batched_tokens), "--disable-log-stats"]
+        if getattr(a, "stream_interval", 1) > 1:
+            cmd += ["--stream-interval", str(a.stream_interval)]
+        return cmd
 
     def env(self) -> dict:
         env = dict(os.environ)

@@ -393,6 +393,8 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prefill-tokens", type=int, default=None)
     p.add_argument("--prefill-step-ratio", type=float, default=2.0, help="0: off")
     p.add_argument("--prefill-drain-steps", type=int, default=4, help="0: off")
+    p.add_argument("--stream-interval", type=int, default=1,
+                   help="tokens per streamed message, for qwen2-serve and vLLM alike (default 1: every token)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                    help="torch threads of the engine / the Router replica (default: this machine's CPUs)")
     p.add_argument("--seed", type=int, default=0)

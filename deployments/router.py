@@ -52,7 +52,7 @@ logger = logging.getLogger("ray.serve")
 # Knobs `reconfigure` accepts (serve_config.yaml `user_config`).
 USER_CONFIG_KEYS = ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "pooled_batch_wait_ms",
                     "pooled_max_batch_size", "max_prefill_tokens", "prefill_step_ratio",
-                    "prefill_drain_steps")
+                    "prefill_drain_steps", "stream_interval")
 
 
 def map_engine_error(exc: BaseException) -> BaseException:
@@ -255,6 +255,7 @@ class Router:
             "max_prefill_tokens": self.engine.scheduler.config.max_prefill_tokens,
             "prefill_step_ratio": self.engine.scheduler.config.prefill_step_ratio,
             "prefill_drain_steps": self.engine.scheduler.config.prefill_drain_steps,
+            "stream_interval": self.engine.config.stream_interval,
             "pooled_batch_wait_ms": self.pooled_batch_wait_ms,
             "pooled_max_batch_size": self.pooled_max_batch_size,
         }
@@ -309,6 +310,11 @@ class Router:
                     raise ValueError(f"prefill_drain_steps must be >= 1 or null, got {v}")
                 v = None if v is None else int(v)
                 engine.scheduler.config.prefill_drain_steps = engine.config.prefill_drain_steps = v
+            if "stream_interval" in user_config:  # requests started from now on
+                v = int(user_config["stream_interval"])
+                if v < 1:
+                    raise ValueError(f"stream_interval must be >= 1, got {v}")
+                engine.config.stream_interval = v
 
         self.async_engine.reconfigure(change)
         if "pooled_batch_wait_ms" in user_config:

@@ -19,7 +19,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from .executor import Executor
 from .block_manager import BlockManager
@@ -56,6 +56,10 @@ class EngineConfig:
     prefill_step_ratio: float | None = 2.0
     prefill_drain_steps: int | None = 4  # while more prompts wait than decode, a step may carry 1/this of them
     max_waiting: int = 1024  # queued requests beyond this are refused (429)
+    # Tokens a stream's message carries (vLLM's stream_interval): 1 sends every token as it comes;
+    # k > 1 sends a choice's first token at once, then every k tokens and at its end, so the
+    # serving layers (Serve's streaming, the ingress, the proxy) handle 1/k of the messages.
+    stream_interval: int = 1
     enable_prefix_caching: bool = True
     # What one request may ask for (n, max_tokens, logprobs, ...): the ingress checks the same object.
     limits: SamplingLimits = DEFAULT_SAMPLING_LIMITS
@@ -484,6 +488,11 @@ class Engine:
         return {rid: [r[i] for i in sorted(r)] for rid, r in results.items()}
 
 
+def _put_all(batch: list[tuple[asyncio.Queue, Any]]) -> None:
+    for stream, item in batch:
+        stream.put_nowait(item)
+
+
 class AsyncEngine:
     """Runs `Engine.step` in a background thread; each request gets an asyncio stream of outputs.
 
@@ -535,18 +544,25 @@ class AsyncEngine:
                     except Exception as exc:  # the executor died: fail everything in flight
                         self._fail_all(exc)
                         continue
-            for out in outputs:
-                self._deliver(out.request_id, out)
+            self._deliver_all([(out.request_id, out) for out in outputs])
             while self.engine.request_errors:
                 self._deliver(*self.engine.request_errors.pop(0))
             if not busy and self._inbox.empty():
                 self._wake.wait(0.05)
 
     def _deliver(self, request_id: str, item) -> None:
-        target = self._streams.get(request_id)
-        if target is not None:
-            loop, stream = target
-            loop.call_soon_threadsafe(stream.put_nowait, item)
+        self._deliver_all([(request_id, item)])
+
+    def _deliver_all(self, items: list[tuple[str, Any]]) -> None:
+        """Hand (request id, output or error) pairs to their streams: one wake-up of each event loop
+        for a whole step's outputs, not one per output."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
+        for request_id, item in items:
+            target = self._streams.get(request_id)
+            if target is not None:
+                by_loop.setdefault(target[0], []).append((target[1], item))
+        for loop, batch in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, batch)
 
     def _fail_all(self, exc: BaseException) -> None:
         self.error = exc
@@ -574,6 +590,9 @@ class AsyncEngine:
         self._wake.set()
         remaining = params.n
         held = None  # taken from the queue while coalescing, but another choice's (or an error)
+        interval = max(1, int(self.engine.config.stream_interval))
+        started: set[int] = set()  # choices whose first output went out
+        holding: dict[int, RequestOutput] = {}  # stream_interval > 1: a choice's outputs not sent yet
         try:
             while remaining:
                 item, held = (held, None) if held is not None else (await stream.get(), None)
@@ -589,6 +608,13 @@ class AsyncEngine:
                     else:
                         held = nxt
                         break
+                before = holding.pop(item.index, None)
+                if before is not None:
+                    item = merge_outputs(before, item)
+                if not item.finished and item.index in started and len(item.new_token_ids) < interval:
+                    holding[item.index] = item  # stream_interval: wait for the rest of the k tokens
+                    continue
+                started.add(item.index)
                 if item.finished:
                     remaining -= 1
                 yield item

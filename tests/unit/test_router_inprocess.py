@@ -92,3 +92,26 @@ def test_a_task_the_model_cannot_do_names_the_model(checkpoints):
             assert info.value.param == "model"
     finally:
         close(router)
+
+
+def test_reconfigure_sets_the_streaming_and_prefill_knobs_live(checkpoints):
+    """user_config stream_interval / prefill_drain_steps reach the engine between steps (a bad value
+    is refused by name), and a request started afterwards streams k tokens a message."""
+    router = make_router(checkpoints(num_hidden_layers=2))
+    try:
+        router.reconfigure({"stream_interval": 3, "prefill_drain_steps": 2})
+        config = router.current_config()
+        assert config["stream_interval"] == 3 and config["prefill_drain_steps"] == 2
+        assert router.engine.scheduler.config.prefill_drain_steps == 2
+        for bad in ({"stream_interval": 0}, {"prefill_drain_steps": 0}):
+            with pytest.raises(ValueError, match=next(iter(bad))):
+                router.reconfigure(bad)
+
+        async def sizes() -> list[int]:
+            params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+            return [len(out.new_token_ids) async for out in router.generate("k3", [1, 2, 3], params)]
+
+        got = asyncio.run(sizes())
+        assert sum(got) == 8 and got[0] >= 1 and all(n >= 3 for n in got[1:-1]) and len(got) <= 4
+    finally:
+        close(router)

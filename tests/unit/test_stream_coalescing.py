@@ -51,3 +51,28 @@ def test_a_slow_consumer_gets_the_missed_tokens_in_one_message(executor):
     assert [t for o in slow for t in o.new_token_ids] == tokens
     assert [lp.token_id for o in slow for lp in o.new_logprobs] == tokens  # logprobs stay aligned
     assert slow[-1].finish_reason == "length" and slow[-1].num_output_tokens == 12
+
+
+def test_stream_interval_sends_the_first_token_then_every_k_tokens(executor):
+    """EngineConfig.stream_interval 4 (vLLM's --stream-interval): a choice's first token goes out at
+    once, then messages of at least 4 tokens, the rest with the finish; the tokens (and their
+    logprobs) are those of stream_interval 1, for each of n choices."""
+    async def run(interval: int) -> list:
+        engine = AsyncEngine(Engine(executor, EngineConfig(stream_interval=interval)))
+        try:
+            params = SamplingParams(max_tokens=10, temperature=1.0, seed=7, n=2, logprobs=1, ignore_eos=True)
+            return [out async for out in engine.generate(f"k{interval}", [5, 6, 7, 8], params)]
+        finally:
+            engine._stopped = True
+            engine._wake.set()
+
+    every, grouped = asyncio.run(run(1)), asyncio.run(run(4))
+    for index in (0, 1):
+        ones = [o for o in every if o.index == index]
+        fours = [o for o in grouped if o.index == index]
+        tokens = [t for o in ones for t in o.new_token_ids]
+        assert len(tokens) == 10 and [t for o in fours for t in o.new_token_ids] == tokens
+        assert [lp.token_id for o in fours for lp in o.new_logprobs] == tokens
+        assert not fours[0].finished  # the first token is not held back
+        assert all(len(o.new_token_ids) >= 4 for o in fours[1:-1]) and fours[-1].finish_reason == "length"
+        assert len(fours) <= 1 + -(-9 // 4)
