@@ -267,6 +267,7 @@ class Router:
         out["pid"] = os.getpid()
         out["loras"] = self.loras.stats()
         out["torch_threads"] = _torch_threads()
+        out["openmp_env"] = {k: os.environ.get(k) for k in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
         out["tp_worker_pids"] = [w.get("pid") for w in getattr(self.engine.executor, "worker_infos", [])]
         return out
 
