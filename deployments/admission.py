@@ -234,9 +234,13 @@ def _header(scope, name: bytes) -> bytes | None:
 
 
 def proxy_middlewares() -> list:
-    """Ray Serve's HTTP proxy callback (RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH)."""
+    """Ray Serve's HTTP proxy callback (RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH), called once in the
+    proxy process at its start: also where the proxy yields the CPU to the model (cpu_priority.py)."""
     from starlette.middleware import Middleware
 
+    from deployments.cpu_priority import yield_cpu_to_model
+
+    yield_cpu_to_model()
     return [Middleware(QueueFullMiddleware)]
 
 

@@ -68,8 +68,11 @@ class Ingress(GrpcIngressMixin):
 
     def __init__(self, models: list[dict], routers: dict, api_key: str | None = None,
                  limits: dict | None = None, request_timeout_s: float = 600):
+        from deployments.cpu_priority import yield_cpu_to_model
         from qwen2_model.generation_config import read_generation_config
         from qwen2_model.tokenizer import Qwen2Tokenizer
+
+        yield_cpu_to_model()  # on a machine the model fills, when the CLI asks (deployments/cpu_priority.py)
 
         entries = []
         for m in models:

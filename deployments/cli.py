@@ -101,6 +101,10 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="tokens per streamed message: 1 sends each token as it comes; k sends a stream's first "
                         "token at once, then every k (fewer messages through Serve, the ingress and the proxy: "
                         "more throughput on a CPU the model fills; default: %(default)s)")
+    g.add_argument("--frontend-cpu-priority", choices=["idle", "normal"], default="idle",
+                   help="on a local Ray, Serve's proxy and the Ingress run at idle CPU priority, so they use the "
+                        "cycles the model's threads leave instead of preempting them (deployments/cpu_priority.py); "
+                        "ignored with --address (default: %(default)s)")
     g.add_argument("--torch-threads", type=int, default=None,
                    help="torch threads per Router replica (default: the local machine's CPUs (--num-cpus) shared "
                         "among the replicas; with --address, each replica's node's CPUs)")
@@ -271,6 +275,9 @@ def serve_and_block(app_args: dict, args, banner) -> int:
 
     for key, value in PROXY_CALLBACK_ENV.items():  # queue-full refused in Serve's proxy (deployments/admission.py)
         os.environ.setdefault(key, value)
+    if not args.address and getattr(args, "frontend_cpu_priority", "idle") == "idle":  # deployments/cpu_priority.py
+        from deployments.cpu_priority import ENV, IDLE
+        os.environ.setdefault(ENV, IDLE)
     import ray
     from ray import serve
 

@@ -28,6 +28,30 @@ def _env(home: Path) -> dict:
     return env
 
 
+def _policies_by_title(root_pid: int) -> dict[str, set[int]]:
+    """Scheduling policies of every thread of each process under `root_pid`, by process title."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out: dict[str, set[int]] = {}
+    todo = [root_pid]
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            title = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")[0].decode(errors="replace")
+            policies = {os.sched_getscheduler(int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
+        except OSError:
+            continue
+        out.setdefault(title.strip(), set()).update(policies)
+    return out
+
+
 def test_demo_prints_working_commands_and_stops_on_ctrl_c(tmp_path):
     port, grpc_port, metrics_port = free_port(), free_port(), free_port()
     exe = shutil.which("qwen2-serve", path=str(BIN)) or "qwen2-serve"
@@ -63,6 +87,14 @@ def test_demo_prints_working_commands_and_stops_on_ctrl_c(tmp_path):
         assert body["object"] == "text_completion" and body["model"] == "qwen2-demo"
         assert body["choices"][0]["finish_reason"] in ("length", "stop")
         assert body["usage"]["completion_tokens"] >= 1
+
+        if hasattr(os, "SCHED_IDLE"):  # deployments/cpu_priority.py: the model's threads keep the CPU
+            policies = _policies_by_title(proc.pid)
+            proxy = next(v for t, v in policies.items() if t.startswith("ray::ProxyActor"))
+            ingress = next(v for t, v in policies.items() if t.startswith("ray::ServeReplica:qwen2:Ingress"))
+            router = next(v for t, v in policies.items() if t.startswith("ray::ServeReplica:qwen2:router"))
+            assert proxy == {os.SCHED_IDLE} and ingress == {os.SCHED_IDLE}, policies
+            assert router == {os.SCHED_OTHER}, policies
 
         try:
             import deployments.client_cli  # noqa: F401  (the gRPC client ships with the gRPC ingress)
