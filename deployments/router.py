@@ -28,7 +28,7 @@ import dataclasses
 import logging
 import os
 import time
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from deployments.checkpoints import resolve_model_path
 from deployments.errors import (
@@ -49,10 +49,39 @@ from qwen2_model.tasks import GENERATE, can_run
 
 logger = logging.getLogger("ray.serve")
 
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineKnob:
+    """A `user_config` key that sets the EngineConfig field of its name (and the SchedulerConfig's,
+    when the scheduler has one), checked first: `rule` says what `ok` accepts, null only if `nullable`."""
+    convert: Callable[[Any], Any]  # int or float
+    ok: Callable[[Any], bool]
+    rule: str
+    nullable: bool = False  # null turns the knob off
+    scheduler: bool = True
+
+    def apply(self, engine: Engine, key: str, raw: Any) -> None:
+        value = None if raw is None and self.nullable else self.convert(raw)
+        if value is not None and not self.ok(value):
+            raise ValueError(f"{key} must be {self.rule}{' or null' if self.nullable else ''}, got {raw}")
+        setattr(engine.config, key, value)
+        if self.scheduler:
+            setattr(engine.scheduler.config, key, value)
+
+
+# The engine's live knobs. The prefill budget (scheduler.py): null turns a cap off.
+ENGINE_KNOBS = {
+    "max_num_seqs": EngineKnob(int, lambda v: v >= 1, ">= 1"),
+    "max_num_batched_tokens": EngineKnob(int, lambda v: v >= 1, ">= 1"),
+    "max_waiting": EngineKnob(int, lambda v: v >= 0, ">= 0", scheduler=False),
+    "max_prefill_tokens": EngineKnob(int, lambda v: v >= 1, ">= 1", nullable=True),
+    "prefill_step_ratio": EngineKnob(float, lambda v: v > 1.0, "> 1", nullable=True),
+    "prefill_drain_steps": EngineKnob(int, lambda v: v >= 1, ">= 1", nullable=True),
+    "stream_interval": EngineKnob(int, lambda v: v >= 1, ">= 1", scheduler=False),  # requests started from now on
+}
 # Knobs `reconfigure` accepts (serve_config.yaml `user_config`).
-USER_CONFIG_KEYS = ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "pooled_batch_wait_ms",
-                    "pooled_max_batch_size", "max_prefill_tokens", "prefill_step_ratio",
-                    "prefill_drain_steps", "stream_interval")
+USER_CONFIG_KEYS = (*ENGINE_KNOBS, "pooled_batch_wait_ms", "pooled_max_batch_size")
 
 
 def map_engine_error(exc: BaseException) -> BaseException:
@@ -277,45 +306,9 @@ class Router:
         if unknown:
             raise ValueError(f"unknown user_config keys {sorted(unknown)}; known: {list(USER_CONFIG_KEYS)}")
         def change(engine: Engine) -> None:  # runs between steps (AsyncEngine.reconfigure)
-            if "max_num_seqs" in user_config:
-                v = int(user_config["max_num_seqs"])
-                if v < 1:
-                    raise ValueError(f"max_num_seqs must be >= 1, got {v}")
-                engine.scheduler.config.max_num_seqs = engine.config.max_num_seqs = v
-            if "max_num_batched_tokens" in user_config:
-                v = int(user_config["max_num_batched_tokens"])
-                if v < 1:
-                    raise ValueError(f"max_num_batched_tokens must be >= 1, got {v}")
-                engine.scheduler.config.max_num_batched_tokens = engine.config.max_num_batched_tokens = v
-            if "max_waiting" in user_config:
-                v = int(user_config["max_waiting"])
-                if v < 0:
-                    raise ValueError(f"max_waiting must be >= 0, got {v}")
-                engine.config.max_waiting = v
-            # Prefill budget while sequences decode (scheduler.py); null turns a cap off.
-            if "max_prefill_tokens" in user_config:
-                v = user_config["max_prefill_tokens"]
-                if v is not None and int(v) < 1:
-                    raise ValueError(f"max_prefill_tokens must be >= 1 or null, got {v}")
-                v = None if v is None else int(v)
-                engine.scheduler.config.max_prefill_tokens = engine.config.max_prefill_tokens = v
-            if "prefill_step_ratio" in user_config:
-                v = user_config["prefill_step_ratio"]
-                if v is not None and not float(v) > 1.0:
-                    raise ValueError(f"prefill_step_ratio must be > 1 or null, got {v}")
-                v = None if v is None else float(v)
-                engine.scheduler.config.prefill_step_ratio = engine.config.prefill_step_ratio = v
-            if "prefill_drain_steps" in user_config:
-                v = user_config["prefill_drain_steps"]
-                if v is not None and int(v) < 1:
-                    raise ValueError(f"prefill_drain_steps must be >= 1 or null, got {v}")
-                v = None if v is None else int(v)
-                engine.scheduler.config.prefill_drain_steps = engine.config.prefill_drain_steps = v
-            if "stream_interval" in user_config:  # requests started from now on
-                v = int(user_config["stream_interval"])
-                if v < 1:
-                    raise ValueError(f"stream_interval must be >= 1, got {v}")
-                engine.config.stream_interval = v
+            for key, knob in ENGINE_KNOBS.items():
+                if key in user_config:
+                    knob.apply(engine, key, user_config[key])
 
         self.async_engine.reconfigure(change)
         if "pooled_batch_wait_ms" in user_config:

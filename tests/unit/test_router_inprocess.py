@@ -103,9 +103,16 @@ def test_reconfigure_sets_the_streaming_and_prefill_knobs_live(checkpoints):
         config = router.current_config()
         assert config["stream_interval"] == 3 and config["prefill_drain_steps"] == 2
         assert router.engine.scheduler.config.prefill_drain_steps == 2
-        for bad in ({"stream_interval": 0}, {"prefill_drain_steps": 0}):
-            with pytest.raises(ValueError, match=next(iter(bad))):
-                router.reconfigure(bad)
+        bad_values = {"max_num_seqs": 0, "max_num_batched_tokens": 0, "max_waiting": -1, "max_prefill_tokens": 0,
+                      "prefill_step_ratio": 1.0, "prefill_drain_steps": 0, "stream_interval": 0}
+        for key, value in bad_values.items():
+            with pytest.raises(ValueError, match=f"^{key} must be "):
+                router.reconfigure({key: value})
+        assert router.current_config()["stream_interval"] == 3  # a refused change changes nothing
+        router.reconfigure({"max_prefill_tokens": 64, "max_waiting": 5})
+        assert router.engine.scheduler.config.max_prefill_tokens == 64 and router.engine.config.max_waiting == 5
+        router.reconfigure({"max_prefill_tokens": None})  # null turns the cap off
+        assert router.engine.scheduler.config.max_prefill_tokens is None
 
         async def sizes() -> list[int]:
             params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
