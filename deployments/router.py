@@ -50,21 +50,22 @@ from qwen2_model.tasks import GENERATE, can_run
 logger = logging.getLogger("ray.serve")
 
 
-
 @dataclasses.dataclass(frozen=True)
 class EngineKnob:
     """A `user_config` key that sets the EngineConfig field of its name (and the SchedulerConfig's,
-    when the scheduler has one), checked first: `rule` says what `ok` accepts, null only if `nullable`."""
+    when the scheduler has one), checked first: at least `least` (above it, if `strict`), or null
+    when `nullable` (null turns the knob off)."""
     convert: Callable[[Any], Any]  # int or float
-    ok: Callable[[Any], bool]
-    rule: str
-    nullable: bool = False  # null turns the knob off
+    least: float
+    strict: bool = False
+    nullable: bool = False
     scheduler: bool = True
 
     def apply(self, engine: Engine, key: str, raw: Any) -> None:
         value = None if raw is None and self.nullable else self.convert(raw)
-        if value is not None and not self.ok(value):
-            raise ValueError(f"{key} must be {self.rule}{' or null' if self.nullable else ''}, got {raw}")
+        if value is not None and (value <= self.least if self.strict else value < self.least):
+            rule = f"{'>' if self.strict else '>='} {self.least:g}{' or null' if self.nullable else ''}"
+            raise ValueError(f"{key} must be {rule}, got {raw}")
         setattr(engine.config, key, value)
         if self.scheduler:
             setattr(engine.scheduler.config, key, value)
@@ -72,13 +73,13 @@ class EngineKnob:
 
 # The engine's live knobs. The prefill budget (scheduler.py): null turns a cap off.
 ENGINE_KNOBS = {
-    "max_num_seqs": EngineKnob(int, lambda v: v >= 1, ">= 1"),
-    "max_num_batched_tokens": EngineKnob(int, lambda v: v >= 1, ">= 1"),
-    "max_waiting": EngineKnob(int, lambda v: v >= 0, ">= 0", scheduler=False),
-    "max_prefill_tokens": EngineKnob(int, lambda v: v >= 1, ">= 1", nullable=True),
-    "prefill_step_ratio": EngineKnob(float, lambda v: v > 1.0, "> 1", nullable=True),
-    "prefill_drain_steps": EngineKnob(int, lambda v: v >= 1, ">= 1", nullable=True),
-    "stream_interval": EngineKnob(int, lambda v: v >= 1, ">= 1", scheduler=False),  # requests started from now on
+    "max_num_seqs": EngineKnob(int, 1),
+    "max_num_batched_tokens": EngineKnob(int, 1),
+    "max_waiting": EngineKnob(int, 0, scheduler=False),
+    "max_prefill_tokens": EngineKnob(int, 1, nullable=True),
+    "prefill_step_ratio": EngineKnob(float, 1, strict=True, nullable=True),
+    "prefill_drain_steps": EngineKnob(int, 1, nullable=True),
+    "stream_interval": EngineKnob(int, 1, scheduler=False),  # requests started from now on
 }
 # Knobs `reconfigure` accepts (serve_config.yaml `user_config`).
 USER_CONFIG_KEYS = (*ENGINE_KNOBS, "pooled_batch_wait_ms", "pooled_max_batch_size")
@@ -277,14 +278,9 @@ class Router:
         return None if choice is None else {"dtype": choice.name, "reason": choice.reason}
 
     def current_config(self) -> dict:
+        # EngineKnob.apply keeps the engine's and the scheduler's copies equal: the engine's are read.
         return {
-            "max_num_seqs": self.engine.scheduler.config.max_num_seqs,
-            "max_num_batched_tokens": self.engine.scheduler.config.max_num_batched_tokens,
-            "max_waiting": self.engine.config.max_waiting,
-            "max_prefill_tokens": self.engine.scheduler.config.max_prefill_tokens,
-            "prefill_step_ratio": self.engine.scheduler.config.prefill_step_ratio,
-            "prefill_drain_steps": self.engine.scheduler.config.prefill_drain_steps,
-            "stream_interval": self.engine.config.stream_interval,
+            **{key: getattr(self.engine.config, key) for key in ENGINE_KNOBS},
             "pooled_batch_wait_ms": self.pooled_batch_wait_ms,
             "pooled_max_batch_size": self.pooled_max_batch_size,
         }

@@ -9,8 +9,9 @@ then sleep between the hundreds of regions of a model step and must be woken for
 2 cores (0.5B fp32, 32 decodes, steps alternating between the two threads of one process): a step
 12-18% slower on a second thread than on the first, the same once GOMP_SPINCOUNT is set; the
 Router driven in-process on the serve_load workload went from 42-45 to 48-54 tok/s (the engine
-alone: 56-57). Setting GOMP_SPINCOUNT explicitly keeps libgomp's own default spin for every pool. It must be in the environment when the process starts (libgomp reads it when torch is
-imported), so it goes into the actors' `runtime_env`; a value the operator set (GOMP_SPINCOUNT or
+alone: 56-57). Setting GOMP_SPINCOUNT explicitly keeps libgomp's own default spin for every pool.
+It must be in the environment when the process starts (libgomp reads it when torch is imported),
+so it goes into the actors' `runtime_env`; a value the operator set (GOMP_SPINCOUNT or
 OMP_WAIT_POLICY in the deploying environment) is left alone.
 """
 

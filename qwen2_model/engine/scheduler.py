@@ -229,12 +229,11 @@ class Scheduler:
                 if victim is seq:
                     return False
 
-    def pending_prompts(self) -> tuple[int, int]:
-        """(sequences, tokens) of prompt (or recompute) work pending for the sequences that could run
-        now: the running ones mid-prompt and the waiting ones that fit in `max_num_seqs`."""
+    def pending_prompts(self) -> list[Sequence]:
+        """The sequences with prompt (or recompute) work pending that could run now: the running ones
+        mid-prompt and the waiting ones that fit in `max_num_seqs`."""
         slots = max(self.config.max_num_seqs - len(self.running), 0)
-        pending = [s for s in self.running if s.prefilling] + list(itertools.islice(self.waiting, slots))
-        return len(pending), sum(s.num_tokens - s.num_computed for s in pending)
+        return [s for s in self.running if s.prefilling] + list(itertools.islice(self.waiting, slots))
 
     def prefill_budget(self, decodes: int) -> int | None:
         """The cap on prompt tokens in a step that carries `decodes` decodes (None: no cap)."""
@@ -247,8 +246,9 @@ class Scheduler:
         if cfg.prefill_step_ratio is not None and self.cost.ready:
             ratio_cap = self.cost.prefill_budget(decodes, cfg.prefill_step_ratio)
             if cfg.prefill_drain_steps:  # a crowd waiting lifts the adaptive cap (module docstring)
-                num_pending, pending_tokens = self.pending_prompts()
-                if num_pending > decodes:
+                pending = self.pending_prompts()
+                if len(pending) > decodes:  # tokens summed only then
+                    pending_tokens = sum(s.num_tokens - s.num_computed for s in pending)
                     ratio_cap = max(ratio_cap, -(-pending_tokens // cfg.prefill_drain_steps))
             caps.append(ratio_cap)
         if not caps:
