@@ -120,20 +120,6 @@ class Router:
         torch.set_num_threads(router_torch_threads(torch_threads))
         self.model_name = model_name
         self.model_path = str(resolve_model_path(model_path))
-        device = device or _default_device()
-        if tp > 1:
-            from deployments.workers import RayExecutor  # Ray actors: only loaded when there are ranks to run
-
-            executor = RayExecutor(self.model_path, tp=tp, dtype=dtype, device=device,
-                                   kv_cache_memory=kv_cache_memory, block_size=block_size,
-                                   gpu_memory_fraction=gpu_memory_fraction, tokenizer_path=self.model_path,
-                                   quantization=quantization, hf_overrides=hf_overrides)
-        else:
-            from qwen2_model.engine.executor import LocalExecutor
-            executor = LocalExecutor(self.model_path, dtype=dtype, device=device,
-                                     kv_cache_memory=kv_cache_memory, block_size=block_size,
-                                     gpu_memory_fraction=gpu_memory_fraction, tokenizer_path=self.model_path,
-                                     quantization=quantization, hf_overrides=hf_overrides)
         known = {f.name for f in dataclasses.fields(EngineConfig)} - {"limits"}
         unknown = set(engine or {}) - known
         if unknown:
@@ -142,11 +128,26 @@ class Router:
         # The application's one `limits` object: the same caps the ingress checks.
         sampling_fields = {f.name for f in dataclasses.fields(SamplingLimits)}
         sampling_limits = SamplingLimits(**{k: v for k, v in (limits or {}).items() if k in sampling_fields})
-        self.engine = Engine(executor, EngineConfig(**(engine or {}), limits=sampling_limits))
+        engine_config = EngineConfig(**(engine or {}), limits=sampling_limits)
+        executor_options = dict(dtype=dtype, device=device or _default_device(), kv_cache_memory=kv_cache_memory,
+                                block_size=block_size, gpu_memory_fraction=gpu_memory_fraction,
+                                tokenizer_path=self.model_path, quantization=quantization, hf_overrides=hf_overrides)
+
+        def build_engine() -> Engine:
+            if tp > 1:
+                from deployments.workers import RayExecutor  # Ray actors: only loaded when there are ranks to run
+                return Engine(RayExecutor(self.model_path, tp=tp, **executor_options), engine_config)
+            from qwen2_model.engine.executor import LocalExecutor
+            return Engine(LocalExecutor(self.model_path, **executor_options), engine_config)
+
+        # Built by the engine's step thread, the one thread of this process that runs torch
+        # (AsyncEngine's docstring: libgomp gives every such thread a pool of its own).
+        self.async_engine = AsyncEngine(build_engine)
+        self.engine = self.async_engine.engine
+        executor = self.engine.executor
         # Prometheus (deployments/metrics.py): step records from the engine, state sampled once a second.
         self.metrics = RouterMetrics(model_name)
         self.engine.step_observers.append(self.metrics.observe_step)
-        self.async_engine = AsyncEngine(self.engine)
         # LoRA adapters (deployments/lora_adapters.py): declared + lora_dir, on Serve's model multiplexing
         self.loras = LoraLoader(self.async_engine, AdapterCatalog.from_config(model_name, loras, lora_dir),
                                 max_loras_per_replica or self.engine.config.max_loras)
