@@ -49,7 +49,6 @@ from deployments.frontend.requests import Limits
 from deployments.grpc_api.servicer import GrpcIngressMixin
 from deployments.http_api import app as http_app
 from deployments.router import Router
-from deployments.torch_env import with_torch_env
 
 MODEL_KEYS = {"name", "path", "tp", "dtype", "device", "kv_cache_memory", "gpu_memory_fraction", "block_size",
               "engine", "deployment", "reasoning_parser", "quantization", "hf_overrides",
@@ -98,7 +97,6 @@ def _router_options(m: dict) -> dict[str, Any]:
         if m.get(key) is not None:
             opts[key] = m[key]
     opts.update(m.get("deployment") or {})
-    opts["ray_actor_options"] = with_torch_env(opts.get("ray_actor_options"))  # deployments/torch_env.py
     if opts.get("autoscaling_config"):
         opts.pop("num_replicas", None)
     tp = int(m.get("tp") or 1)

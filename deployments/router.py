@@ -134,6 +134,7 @@ class Router:
                                 tokenizer_path=self.model_path, quantization=quantization, hf_overrides=hf_overrides)
 
         def build_engine() -> Engine:
+            self.torch_threads = torch.get_num_threads()  # as the thread that runs the model sees it
             if tp > 1:
                 from deployments.workers import RayExecutor  # Ray actors: only loaded when there are ranks to run
                 return Engine(RayExecutor(self.model_path, tp=tp, **executor_options), engine_config)
@@ -292,8 +293,7 @@ class Router:
         out["pooled_max_batch"] = self.pooled_max_batch
         out["pid"] = os.getpid()
         out["loras"] = self.loras.stats()
-        out["torch_threads"] = _torch_threads()
-        out["openmp_env"] = {k: os.environ.get(k) for k in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+        out["torch_threads"] = self.torch_threads
         out["tp_worker_pids"] = [w.get("pid") for w in getattr(self.engine.executor, "worker_infos", [])]
         return out
 
@@ -351,11 +351,6 @@ def router_torch_threads(configured: int | None) -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # no sched_getaffinity (macOS)
         return max(1, os.cpu_count() or 1)
-
-
-def _torch_threads() -> int:
-    import torch
-    return torch.get_num_threads()
 
 
 def _workers_alive(executor, tp: int):

@@ -376,13 +376,10 @@ class WorkerGroup:
 
 
 def _repo_runtime_env() -> dict:
-    """Ray workers must import qwen2_model/deployments: the editable install does it, PYTHONPATH too.
-    And libgomp's spin count (deployments/torch_env.py): the ranks run torch on two threads too."""
-    from deployments.torch_env import torch_env_vars
-
+    """Ray workers must import qwen2_model/deployments: the editable install does it, PYTHONPATH too."""
     root = str(Path(__file__).resolve().parents[1])
     path = os.environ.get("PYTHONPATH", "")
-    return {"env_vars": {**torch_env_vars(), "PYTHONPATH": root + (os.pathsep + path if path else "")}}
+    return {"env_vars": {"PYTHONPATH": root + (os.pathsep + path if path else "")}}
 
 
 class RayExecutor:

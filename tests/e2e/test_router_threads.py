@@ -27,10 +27,3 @@ def test_router_torch_threads_configured_and_default(serve_app):
     assert _threads_of("threads-configured", torch_threads=3) == 3
     # default with a fractional num_cpus: every CPU the replica's process may run on, not Ray's 1
     assert _threads_of("threads-default") == len(os.sched_getaffinity(0))
-
-
-def test_router_replicas_keep_openmp_spinning(serve_app):
-    """build_app gives the Router's process GOMP_SPINCOUNT (deployments/torch_env.py): without it,
-    libgomp stops spinning once the replica has run torch on two threads, and every step slows."""
-    env = serve_app.router_stats(serve_app.generate_model)["openmp_env"]
-    assert env["GOMP_SPINCOUNT"] == "300000"

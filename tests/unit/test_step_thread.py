@@ -11,6 +11,7 @@ import asyncio
 import threading
 
 import pytest
+import torch
 
 from deployments.router import Router
 from qwen2_model.engine.engine import AsyncEngine, Engine, EngineConfig, EngineDead
@@ -100,10 +101,13 @@ def test_the_router_builds_its_model_on_the_engines_step_thread(checkpoint, monk
     import qwen2_model.engine.executor as executor_module
 
     monkeypatch.setattr(executor_module, "LocalExecutor", ThreadRecordingExecutor)
+    before = torch.get_num_threads()
     router = Router("m", checkpoint, kv_cache_memory=1 << 20, device="cpu", torch_threads=1)
     try:
         threads = router.engine.executor.threads
         assert threads["build"] == {router.async_engine._thread.ident} != {threading.get_ident()}
+        assert router.stats()["torch_threads"] == 1  # as seen by the thread that runs the model
     finally:
         router.metrics.stop()
         router.async_engine.shutdown()
+        torch.set_num_threads(before)
