@@ -61,11 +61,21 @@ class EngineKnob:
     nullable: bool = False
     scheduler: bool = True
 
-    def apply(self, engine: Engine, key: str, raw: Any) -> None:
-        value = None if raw is None and self.nullable else self.convert(raw)
-        if value is not None and (value <= self.least if self.strict else value < self.least):
-            rule = f"{'>' if self.strict else '>='} {self.least:g}{' or null' if self.nullable else ''}"
+    def value(self, key: str, raw: Any) -> Any:
+        """`raw` converted, or ValueError naming the key and its rule."""
+        if raw is None and self.nullable:
+            return None
+        rule = f"{'>' if self.strict else '>='} {self.least:g}{' or null' if self.nullable else ''}"
+        try:
+            value = self.convert(raw)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key} must be a number {rule}, got {raw!r}") from None
+        if value <= self.least if self.strict else value < self.least:
             raise ValueError(f"{key} must be {rule}, got {raw}")
+        return value
+
+    def apply(self, engine: Engine, key: str, value: Any) -> None:
+        """Set a value `value()` returned."""
         setattr(engine.config, key, value)
         if self.scheduler:
             setattr(engine.scheduler.config, key, value)
@@ -128,7 +138,10 @@ class Router:
         # The application's one `limits` object: the same caps the ingress checks.
         sampling_fields = {f.name for f in dataclasses.fields(SamplingLimits)}
         sampling_limits = SamplingLimits(**{k: v for k, v in (limits or {}).items() if k in sampling_fields})
-        engine_config = EngineConfig(**(engine or {}), limits=sampling_limits)
+        engine = dict(engine or {})
+        for key in set(engine) & set(ENGINE_KNOBS):  # the live knobs' rules hold from the start too
+            engine[key] = ENGINE_KNOBS[key].value(key, engine[key])
+        engine_config = EngineConfig(**engine, limits=sampling_limits)
         executor_options = dict(dtype=dtype, device=device or _default_device(), kv_cache_memory=kv_cache_memory,
                                 block_size=block_size, gpu_memory_fraction=gpu_memory_fraction,
                                 tokenizer_path=self.model_path, quantization=quantization, hf_overrides=hf_overrides)
@@ -302,10 +315,11 @@ class Router:
         unknown = set(user_config) - set(USER_CONFIG_KEYS)
         if unknown:
             raise ValueError(f"unknown user_config keys {sorted(unknown)}; known: {list(USER_CONFIG_KEYS)}")
-        def change(engine: Engine) -> None:  # runs between steps (AsyncEngine.reconfigure)
-            for key, knob in ENGINE_KNOBS.items():
-                if key in user_config:
-                    knob.apply(engine, key, user_config[key])
+        values = {key: knob.value(key, user_config[key]) for key, knob in ENGINE_KNOBS.items() if key in user_config}
+
+        def change(engine: Engine) -> None:  # runs between steps (AsyncEngine.reconfigure); all checked first
+            for key, value in values.items():
+                ENGINE_KNOBS[key].apply(engine, key, value)
 
         self.async_engine.reconfigure(change)
         if "pooled_batch_wait_ms" in user_config:

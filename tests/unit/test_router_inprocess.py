@@ -109,6 +109,9 @@ def test_reconfigure_sets_the_streaming_and_prefill_knobs_live(checkpoints):
             with pytest.raises(ValueError, match=f"^{key} must be "):
                 router.reconfigure({key: value})
         assert router.current_config()["stream_interval"] == 3  # a refused change changes nothing
+        with pytest.raises(ValueError, match="^max_num_seqs must be a number >= 1, got 'many'"):
+            router.reconfigure({"stream_interval": 5, "max_num_seqs": "many"})
+        assert router.current_config()["stream_interval"] == 3  # nor does its good half: all checked first
         router.reconfigure({"max_prefill_tokens": 64, "max_waiting": 5})
         assert router.engine.scheduler.config.max_prefill_tokens == 64 and router.engine.config.max_waiting == 5
         router.reconfigure({"max_prefill_tokens": None})  # null turns the cap off
@@ -122,3 +125,14 @@ def test_reconfigure_sets_the_streaming_and_prefill_knobs_live(checkpoints):
         assert sum(got) == 8 and got[0] >= 1 and all(n >= 3 for n in got[1:-1]) and len(got) <= 4
     finally:
         close(router)
+
+
+def test_a_bad_engine_knob_is_refused_by_name_before_the_model_loads(checkpoints, monkeypatch):
+    import qwen2_model.engine.executor as executor_module
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(executor_module, "LocalExecutor", no_load)
+    with pytest.raises(ValueError, match="^prefill_step_ratio must be > 1 or null, got 0.5"):
+        make_router(checkpoints(num_hidden_layers=2), engine={"prefill_step_ratio": 0.5})
