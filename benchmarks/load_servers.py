@@ -67,6 +67,52 @@ def process_tree(root: int, with_titles: bool = False) -> dict[int, tuple[str, f
     return tree
 
 
+def tree_threads(root: int) -> dict[int, tuple[str, int, int]]:
+    """tid -> (process title, ns on a CPU, ns runnable but waiting for one) for every thread under
+    `root` (/proc/<pid>/task/<tid>/schedstat): a thread that waits while runnable was preempted."""
+    threads = {}
+    for pid, (title, _) in process_tree(root, with_titles=True).items():
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                on_cpu, waiting, _ = map(int, Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split())
+            except (OSError, ValueError):
+                continue
+            threads[int(tid)] = (title, on_cpu, waiting)
+    return threads
+
+
+def machine_cpu_ticks() -> list[int]:
+    """The first line of /proc/stat: user nice system idle iowait irq softirq steal, in ticks."""
+    return [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+
+
+def where_cpu_went(before: tuple, after: tuple) -> dict:
+    """From two snapshots of a served run, each (process_tree with titles, tree_threads,
+    machine_cpu_ticks, time.perf_counter): CPU seconds per process group, how the two busiest threads (the model's step thread and its
+    OpenMP worker) spent the wall time, and how idle the machine was."""
+    from served_overhead import cpu_by_group
+
+    tree0, threads0, ticks0, t0 = before
+    tree1, threads1, ticks1, t1 = after
+    seconds = t1 - t0
+    # tid -> (ns on a CPU, ns preempted) during the run, for the threads alive at both ends
+    ran = {tid: (now[1] - threads0[tid][1], now[2] - threads0[tid][2]) for tid, now in threads1.items()
+           if tid in threads0}
+    busiest = sorted(ran.values(), reverse=True)[:2]
+    ticks = [b - a for a, b in zip(ticks0, ticks1)]
+    return {
+        "cpu_s_by_process": {k: round(v, 2) for k, v in sorted(cpu_by_group(tree0, tree1).items(),
+                                                                 key=lambda kv: -kv[1]) if v >= 0.01},
+        "model_threads": [{"on_cpu": round(run / 1e9 / seconds, 3), "preempted": round(wait / 1e9 / seconds, 3)}
+                          for run, wait in busiest],
+        "machine_idle": round((ticks[3] + ticks[4]) / max(1, sum(ticks)), 3),
+    }
+
+
 def tree_cpu_seconds(root: int) -> float:
     """CPU seconds (user + system) used so far by the live processes under `root`, root included.
 

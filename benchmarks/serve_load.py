@@ -101,14 +101,21 @@ async def _load(protocol: str, target: str, model: str, work: list[Work], *, rat
 
 def measure(system: str, protocol: str, target: str, model: str, work: list[Work], args, *, rate=None,
             concurrency=None, server_pid: int | None = None) -> dict:
-    from load_servers import tree_cpu_seconds
+    from load_servers import machine_cpu_ticks, process_tree, tree_cpu_seconds, tree_threads, where_cpu_went
+
+    def snapshot():  # for where_cpu_went: per process, per thread, the machine, the wall clock
+        return (process_tree(server_pid, with_titles=True), tree_threads(server_pid), machine_cpu_ticks(),
+                time.perf_counter())
 
     before = machine_state()
     label = f"{system}/{protocol} " + (f"c={concurrency}" if concurrency else f"rate={rate}/s")
     cpu0, client0 = (tree_cpu_seconds(server_pid) if server_pid else None), time.process_time()
+    snap0 = snapshot() if server_pid else None
     results, seconds = asyncio.run(_load(protocol, target, model, work, rate=rate, concurrency=concurrency,
                                          seed=args.seed, desc=label))
     summary = summarize(results, seconds, *args.goodput_targets)
+    if server_pid:  # what the other processes took from the model (README "Where the rest goes")
+        summary["cpu_breakdown"] = where_cpu_went(snap0, snapshot())
     # CPU seconds the server's process tree spent (warm-up included) and the load generator's own
     summary["server_cpu_s"] = tree_cpu_seconds(server_pid) - cpu0 if server_pid else None
     summary["client_cpu_s"] = time.process_time() - client0
@@ -117,6 +124,11 @@ def measure(system: str, protocol: str, target: str, model: str, work: list[Work
     print(f"  {label}: {summary['output_throughput']:.1f} tok/s, TTFT p50 {fmt(summary['ttft_ms']['p50'], 0)} ms, "
           f"ITL p50/p99 {fmt(summary['itl_ms']['p50'], 0)}/{fmt(summary['itl_ms']['p99'], 0)} ms, "
           f"{summary['failed']} failed", flush=True)
+    if summary.get("cpu_breakdown"):
+        b = summary["cpu_breakdown"]
+        threads = ", ".join(f"{t['on_cpu']:.0%} on a CPU / {t['preempted']:.0%} preempted" for t in b["model_threads"])
+        top = ", ".join(f"{k} {v:.2f}" for k, v in list(b["cpu_s_by_process"].items())[:8])
+        print(f"    model threads: {threads}; machine idle {b['machine_idle']:.1%}; CPU s: {top}", flush=True)
     return {"system": system, "protocol": protocol, "mode": "concurrency" if concurrency else "poisson",
             "concurrency": concurrency, "rate": rate, "summary": summary, "machine_before": before,
             "machine_after": machine_state(), "requests": result_rows(results)}

@@ -47,7 +47,7 @@ def group_of(title: str) -> str:
         name = m.group(1)
         if name.startswith("ServeReplica:"):
             return "replica " + name.split(":")[-1]
-        return name
+        return name.split(".")[0]  # an actor's title names the method it runs: ServeController.listen_for_change
     for key in ("gcs_server", "raylet", "dashboard", "log_monitor", "runtime_env", "monitor.py", "deployments.cli"):
         if key in title:
             return key
