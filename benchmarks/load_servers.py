@@ -67,11 +67,11 @@ def process_tree(root: int, with_titles: bool = False) -> dict[int, tuple[str, f
     return tree
 
 
-def tree_threads(root: int) -> dict[int, tuple[str, int, int]]:
-    """tid -> (process title, ns on a CPU, ns runnable but waiting for one) for every thread under
-    `root` (/proc/<pid>/task/<tid>/schedstat): a thread that waits while runnable was preempted."""
+def tree_threads(pids) -> dict[int, tuple[int, int]]:
+    """tid -> (ns on a CPU, ns runnable but waiting for one) for every thread of `pids`
+    (/proc/<pid>/task/<tid>/schedstat): a thread that waits while runnable was preempted."""
     threads = {}
-    for pid, (title, _) in process_tree(root, with_titles=True).items():
+    for pid in pids:
         try:
             tids = os.listdir(f"/proc/{pid}/task")
         except OSError:
@@ -81,7 +81,7 @@ def tree_threads(root: int) -> dict[int, tuple[str, int, int]]:
                 on_cpu, waiting, _ = map(int, Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split())
             except (OSError, ValueError):
                 continue
-            threads[int(tid)] = (title, on_cpu, waiting)
+            threads[int(tid)] = (on_cpu, waiting)
     return threads
 
 
@@ -91,16 +91,16 @@ def machine_cpu_ticks() -> list[int]:
 
 
 def where_cpu_went(before: tuple, after: tuple) -> dict:
-    """From two snapshots of a served run, each (process_tree with titles, tree_threads,
-    machine_cpu_ticks, time.perf_counter): CPU seconds per process group, how the two busiest threads (the model's step thread and its
-    OpenMP worker) spent the wall time, and how idle the machine was."""
+    """From two snapshots of a served run, each (process_tree with titles, tree_threads of its pids,
+    machine_cpu_ticks, time.perf_counter): CPU seconds per process group, how the two busiest threads
+    (the model's step thread and its OpenMP worker) spent the wall time, and how idle the machine was."""
     from served_overhead import cpu_by_group
 
     tree0, threads0, ticks0, t0 = before
     tree1, threads1, ticks1, t1 = after
     seconds = t1 - t0
     # tid -> (ns on a CPU, ns preempted) during the run, for the threads alive at both ends
-    ran = {tid: (now[1] - threads0[tid][1], now[2] - threads0[tid][2]) for tid, now in threads1.items()
+    ran = {tid: (now[0] - threads0[tid][0], now[1] - threads0[tid][1]) for tid, now in threads1.items()
            if tid in threads0}
     busiest = sorted(ran.values(), reverse=True)[:2]
     ticks = [b - a for a, b in zip(ticks0, ticks1)]

@@ -104,8 +104,8 @@ def measure(system: str, protocol: str, target: str, model: str, work: list[Work
     from load_servers import machine_cpu_ticks, process_tree, tree_cpu_seconds, tree_threads, where_cpu_went
 
     def snapshot():  # for where_cpu_went: per process, per thread, the machine, the wall clock
-        return (process_tree(server_pid, with_titles=True), tree_threads(server_pid), machine_cpu_ticks(),
-                time.perf_counter())
+        tree = process_tree(server_pid, with_titles=True)
+        return tree, tree_threads(tree), machine_cpu_ticks(), time.perf_counter()
 
     before = machine_state()
     label = f"{system}/{protocol} " + (f"c={concurrency}" if concurrency else f"rate={rate}/s")

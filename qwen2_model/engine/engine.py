@@ -514,7 +514,8 @@ class AsyncEngine:
     def __init__(self, engine: "Engine | Callable[[], Engine]"):
         """`engine`: an Engine, or a function that builds one; a function runs on the step thread
         and this call waits for it (re-raising what it raised)."""
-        self.engine: Engine = engine if isinstance(engine, Engine) else None  # type: ignore[assignment]
+        build = (lambda: engine) if isinstance(engine, Engine) else engine
+        self.engine: Engine = None  # type: ignore[assignment]  # set by the step thread before it steps
         self._lock = threading.Lock()  # held by the step thread around drain + step
         self._wake = threading.Event()
         # ("add", id, ids, params, lora) | ("abort", id, index) | ("call", fn, future)
@@ -524,9 +525,6 @@ class AsyncEngine:
         self._stopped = False
         self.error: BaseException | None = None
         built: concurrent.futures.Future = concurrent.futures.Future()
-        if self.engine is not None:
-            built.set_result(self.engine)
-        build = None if self.engine is not None else engine
         self._thread = threading.Thread(target=self._loop, args=(build, built), name="engine-step-loop", daemon=True)
         self._thread.start()
         self.engine = built.result()
@@ -556,14 +554,13 @@ class AsyncEngine:
                 for out in self.engine.abort(request_id, index):  # the stream sees finish_reason "abort"
                     self._deliver(request_id, out)
 
-    def _loop(self, build: Callable[[], Engine] | None, built: concurrent.futures.Future) -> None:
-        if build is not None:
-            try:
-                self.engine = build()
-                built.set_result(self.engine)
-            except BaseException as exc:
-                built.set_exception(exc)
-                return
+    def _loop(self, build: Callable[[], Engine], built: concurrent.futures.Future) -> None:
+        try:
+            self.engine = build()
+            built.set_result(self.engine)
+        except BaseException as exc:
+            built.set_exception(exc)
+            return
         while not self._stopped:
             self._wake.clear()
             outputs: list = []
