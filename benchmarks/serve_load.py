@@ -433,6 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--rates", default="0.5,1", help="Poisson request rates (req/s), comma-separated; '' for none")
     run.add_argument("--protocols", default="http,grpc", help="qwen2-serve protocols at --concurrency")
     run.add_argument("--peers", default="vllm", help="'vllm' or 'none'")
+    run.add_argument("--direct-ingress", choices=["on", "off"], default="on",
+                     help="qwen2-serve's --direct-ingress: clients talk to the Ingress replica (on) or through "
+                          "Serve's proxy (off)")
     run.add_argument("--vllm-start-timeout", type=float, default=1800,
                      help="seconds for vLLM to load and compile (minutes on a busy 2-core machine)")
     run.add_argument("--no-qwen", action="store_true", help="skip qwen2-serve (e.g. the engine and vLLM only)")

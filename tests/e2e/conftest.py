@@ -1,13 +1,15 @@
 """The shared e2e app: real local Ray + Serve running deployments.app:build_app on free ports.
 
-`serve_app` (session scope) starts Ray (`ray.init(num_cpus=4)`) and Serve with HTTP and gRPC
-proxies, serves four tiny random models (a causal LM, a sequence classifier, a token classifier,
+`serve_app` (session scope) starts Ray (`ray.init(num_cpus=4)`) and Serve as `qwen2-serve run`
+does (direct ingress: the Ingress replica answers HTTP and gRPC itself; Serve's proxies serve the
+same app on ports of their own, `proxy_http_url` / `proxy_grpc_target`), serves four tiny random models (a causal LM, a sequence classifier, a token classifier,
 an extractive QA model) that require the API key `serve_app.api_key`, yields a `ServeApp`, and
 shuts Serve and Ray down at the end of the session. Tests talk to it with real clients only.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import socket
 import time
@@ -30,6 +32,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int) -> int:
+    """The first of `n` consecutive ports that are free now (on all interfaces: gRPC binds there)."""
+    for _ in range(200):
+        first = free_port()
+        if first + n > 65535:
+            continue
+        held = []
+        try:
+            for port in range(first, first + n):
+                s = socket.socket()
+                held.append(s)
+                s.bind(("", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports")
+
+
 @dataclass
 class ServeApp:
     http_url: str  # "http://127.0.0.1:PORT"
@@ -44,6 +67,8 @@ class ServeApp:
     max_body_bytes: int = 256 * 1024
     app_name: str = APP_NAME
     metrics_url: str = ""  # "http://127.0.0.1:PORT/metrics": Ray's Prometheus endpoint (deployments/metrics.py)
+    proxy_http_url: str = ""  # Serve's proxy, serving the same app (= http_url with QWEN2_SERVE_E2E_INGRESS=proxy)
+    proxy_grpc_target: str = ""
 
     @property
     def model_names(self) -> list[str]:
@@ -78,11 +103,26 @@ def serve_app(tmp_path_factory):
     heads = {"generate": "causal_lm", "classify": "sequence_classification", "ner": "token_classification",
              "qa": "question_answering"}
     checkpoints = {names[k]: demo_checkpoint(heads[k]) for k in names}
-    http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+    # As `qwen2-serve run` serves (deployments/cli.py, direct ingress): the Ingress replica itself on
+    # http_url / grpc_target, Serve's proxy on proxy_http_url / proxy_grpc_target (the path of a
+    # cluster without direct ingress). QWEN2_SERVE_E2E_INGRESS=proxy puts the proxy on both.
+    direct = os.environ.get("QWEN2_SERVE_E2E_INGRESS", "direct") == "direct"
+    # Every ingress replica takes a port of the direct-ingress ranges (tests add applications of
+    # their own): a block of free ports each, the session's app getting the first.
+    http_port, grpc_port = free_ports(8), free_ports(8)
+    metrics_port, proxy_http_port, proxy_grpc_port = free_port(), free_port(), free_port()
+    if direct:
+        from deployments.cli import DIRECT_INGRESS_GRPC, DIRECT_INGRESS_HTTP, direct_ingress_env
+        os.environ.update(direct_ingress_env(argparse.Namespace(address=None, direct_ingress="on", port=http_port,
+                                                                grpc_port=grpc_port)))
+        os.environ.update({DIRECT_INGRESS_HTTP[1]: str(http_port + 8), DIRECT_INGRESS_GRPC[1]: str(grpc_port + 8)})
+    else:
+        proxy_http_port, proxy_grpc_port = http_port, grpc_port
     app = ServeApp(http_url=f"http://127.0.0.1:{http_port}", grpc_target=f"127.0.0.1:{grpc_port}", api_key=API_KEY,
                    generate_model=names["generate"], classify_model=names["classify"], ner_model=names["ner"],
                    qa_model=names["qa"], checkpoints=checkpoints,
-                   metrics_url=f"http://127.0.0.1:{metrics_port}/metrics")
+                   metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
+                   proxy_http_url=f"http://127.0.0.1:{proxy_http_port}", proxy_grpc_target=f"127.0.0.1:{proxy_grpc_port}")
     args = {
         "api_key": API_KEY,
         "max_body_bytes": app.max_body_bytes,
@@ -100,8 +140,8 @@ def serve_app(tmp_path_factory):
              runtime_env={"env_vars": {"QWEN2_SERVE_HOME": str(home)}}, _metrics_export_port=metrics_port,
              _system_config={"metrics_report_interval_ms": 1000})
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": http_port},
-                    grpc_options={"port": grpc_port, "grpc_servicer_functions": GRPC_SERVICERS})
+        serve.start(http_options={"host": "127.0.0.1", "port": proxy_http_port},
+                    grpc_options={"port": proxy_grpc_port, "grpc_servicer_functions": GRPC_SERVICERS})
         serve.run(build_app(args), name=APP_NAME, route_prefix="/")
         deadline = time.time() + 120
         while True:

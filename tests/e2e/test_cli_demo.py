@@ -52,6 +52,16 @@ def _policies_by_title(root_pid: int) -> dict[str, set[int]]:
     return out
 
 
+def _listener_title(port: int) -> str:
+    """The title of the process whose TCP socket listens on `port`, "" if none."""
+    import psutil
+
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid:
+            return " ".join(psutil.Process(conn.pid).cmdline()[:1])
+    return ""
+
+
 def test_demo_prints_working_commands_and_stops_on_ctrl_c(tmp_path):
     port, grpc_port, metrics_port = free_port(), free_port(), free_port()
     exe = shutil.which("qwen2-serve", path=str(BIN)) or "qwen2-serve"
@@ -75,6 +85,9 @@ def test_demo_prints_working_commands_and_stops_on_ctrl_c(tmp_path):
         grpc_call = next(x.strip() for x in lines if x.strip().startswith("qwen2-serve client"))
         assert f":{port}/" in curl and f":{grpc_port}" in grpc_call
         assert (tmp_path / "home" / "demo" / "causal_lm" / "config.json").is_file()
+        # Direct ingress (deployments/cli.py): the Ingress replica itself listens on both ports, not Serve's proxy.
+        for p in (port, grpc_port):
+            assert _listener_title(p).startswith("ray::ServeReplica:qwen2:Ingress"), (p, _listener_title(p))
 
         if shutil.which("curl"):
             res = subprocess.run(shlex.split(curl), capture_output=True, text=True, timeout=60)

@@ -54,7 +54,7 @@ def lora_app(serve_app, tmp_path_factory):
         "loras": {"sql": str(adapters["sql"]), "chat": str(adapters["chat"])}, "lora_dir": str(lora_dir),
         "max_loras_per_replica": 2}]}
     serve.run(build_app(args), name=APP, route_prefix=f"/{APP}")
-    url = f"{serve_app.http_url}/{APP}"
+    url = f"{serve_app.proxy_http_url}/{APP}"  # a second app: through the proxy, which routes by prefix
     deadline = time.time() + 120
     while httpx.get(f"{url}/ready", timeout=30).status_code != 200:
         assert time.time() < deadline, "the LoRA app did not become ready"
@@ -121,7 +121,7 @@ def test_generation_per_adapter_matches_the_engine(lora_app):
 
 def test_grpc_selects_the_adapter_too(lora_app):
     serve_app = lora_app["serve_app"]
-    with grpc.insecure_channel(serve_app.grpc_target) as channel:
+    with grpc.insecure_channel(serve_app.proxy_grpc_target) as channel:
         stub = pb_grpc.Qwen2ServeStub(channel)
         md = (("application", APP),)
         req = pb.GenerateRequest(model=f"{BASE}:sql", prompt_token_ids=PROMPT, max_tokens=MAX_TOKENS, temperature=0,

@@ -33,7 +33,7 @@ def long_app(serve_app, tmp_path_factory):
     ]}
     serve.run(build_app(args), name="issue13", route_prefix=PREFIX)
     try:
-        yield serve_app.http_url + PREFIX, lm, gte
+        yield serve_app.proxy_http_url + PREFIX, lm, gte  # a second app: through the proxy
     finally:
         serve.delete("issue13")
 

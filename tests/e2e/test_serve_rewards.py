@@ -40,7 +40,7 @@ def reward_app(serve_app, tmp_path_factory):
         for name, path in models]}
     started = time.monotonic()
     serve.run(build_app(args), name=APP, route_prefix=f"/{APP}")
-    url = f"{serve_app.http_url}/{APP}"
+    url = f"{serve_app.proxy_http_url}/{APP}"  # a second app: through the proxy, which routes by prefix
     deadline = time.time() + 120
     while httpx.get(f"{url}/ready", timeout=30).status_code != 200:
         assert time.time() < deadline, "the reward app did not become ready"
@@ -48,7 +48,7 @@ def reward_app(serve_app, tmp_path_factory):
     print(f"reward app ready in {time.monotonic() - started:.1f} s")
     tag = Qwen2Tokenizer.from_pretrained(prm).token_to_id("<extra_0>")
     try:
-        yield {"url": url, "rm": rm, "prm": prm, "tag": tag, "grpc": serve_app.grpc_target}
+        yield {"url": url, "rm": rm, "prm": prm, "tag": tag, "grpc": serve_app.proxy_grpc_target}
     finally:
         serve.delete(APP)
 
