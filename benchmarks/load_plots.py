@@ -11,8 +11,9 @@ import json
 from pathlib import Path
 
 
-def _label(run: dict) -> str:
-    return "engine (in-process)" if run["system"] == "engine" else f"{run['system']} {run['protocol']}"
+def _label(run: dict, with_round: bool = False) -> str:
+    label = "engine (in-process)" if run["system"] == "engine" else f"{run['system']} {run['protocol']}"
+    return f"{label} r{run.get('round', 1)}" if with_round else label
 
 
 def plot_results(results_json: Path, out_dir: Path) -> list[Path]:
@@ -68,7 +69,8 @@ def plot_results(results_json: Path, out_dir: Path) -> list[Path]:
     conc = [r for r in runs if r["mode"] == "concurrency"]
     if conc:
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        labels = [_label(r) for r in conc]
+        several = len({r.get("round", 1) for r in conc}) > 1  # serve_load.py --rounds
+        labels = [_label(r, several) for r in conc]
         x = range(len(conc))
         bars = axes[0].bar(x, [r["summary"]["output_throughput"] for r in conc], color=[f"C{i}" for i in x])
         axes[0].bar_label(bars, fmt="%.1f", fontsize=8)
