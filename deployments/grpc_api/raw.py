@@ -24,12 +24,6 @@ cancelling anything, so the replica generated to max_tokens for nobody. Here eve
 task ends (cancelled, failed or done), a replica call that had not finished is cancelled, which
 cancels the ingress's handler and aborts the request in the engine. This covers every way the RPC
 can end, including a cancel that lands while a message is being sent.
-
-Under direct ingress (deployments/cli.py) the same gRPC server runs in the Ingress replica and
-there is no proxy call to cancel: Serve's handler generator, left at a `yield` by such a cancel,
-holds the ingress's own generator open until the garbage collector finds it (1 stream in 50 ran
-to max_tokens in tests/e2e/test_grpc_cancel.py). So each RPC's task also closes that handler
-generator when it ends before the generator did (`_close_if_unfinished`), in either mode.
 """
 
 from __future__ import annotations
@@ -58,21 +52,6 @@ def _cancel_if_unfinished(generator, task: asyncio.Task) -> None:
         response = generator._response
         if not generator._done and not response.cancelled():
             response.cancel()  # cancels the ingress's handler, which aborts the engine request
-    except Exception:  # noqa: BLE001  (a done callback must not raise)
-        pass
-
-
-_CLOSING: set[asyncio.Task] = set()  # aclose() tasks in flight (the loop keeps only weak references)
-
-
-def _close_if_unfinished(messages, task: asyncio.Task) -> None:
-    """Done callback of an RPC's task: Serve's handler generator for it, if still suspended at a
-    `yield` (the RPC ended between two messages), is closed, which closes what it iterates."""
-    try:
-        if messages.ag_frame is not None and not messages.ag_running:
-            closing = asyncio.ensure_future(messages.aclose())
-            _CLOSING.add(closing)
-            closing.add_done_callback(_CLOSING.discard)
     except Exception:  # noqa: BLE001  (a done callback must not raise)
         pass
 
@@ -169,17 +148,14 @@ def _tracking_factory(factory):
         handler = factory(service_method=service_method, streaming_type=streaming_type)
         if inspect.isasyncgenfunction(handler):
             async def stream(request, context):
-                task = asyncio.current_task()
-                _RPC_TASKS.add(task)
+                _RPC_TASKS.add(asyncio.current_task())
                 start = view.clock()
                 credential = _check_view(view, service_method, request, context)
                 if credential is _REFUSED:
                     return
                 admitted = False
-                messages = handler(request, context)
-                task.add_done_callback(functools.partial(_close_if_unfinished, messages))
                 try:
-                    async for message in messages:
+                    async for message in handler(request, context):
                         if not admitted:
                             admitted = True
                             _learn(view, service_method, request, context, credential, True, start)

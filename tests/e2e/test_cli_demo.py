@@ -66,7 +66,7 @@ def test_demo_prints_working_commands_and_stops_on_ctrl_c(tmp_path):
     port, grpc_port, metrics_port = free_port(), free_port(), free_port()
     exe = shutil.which("qwen2-serve", path=str(BIN)) or "qwen2-serve"
     proc = subprocess.Popen([exe, "demo", "--port", str(port), "--grpc-port", str(grpc_port),
-                             "--metrics-port", str(metrics_port)],
+                             "--metrics-port", str(metrics_port), "--direct-ingress", "on"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(tmp_path / "home"),
                             cwd=tmp_path)
     lines: list[str] = []
@@ -85,7 +85,7 @@ def test_demo_prints_working_commands_and_stops_on_ctrl_c(tmp_path):
         grpc_call = next(x.strip() for x in lines if x.strip().startswith("qwen2-serve client"))
         assert f":{port}/" in curl and f":{grpc_port}" in grpc_call
         assert (tmp_path / "home" / "demo" / "causal_lm" / "config.json").is_file()
-        # Direct ingress (deployments/cli.py): the Ingress replica itself listens on both ports, not Serve's proxy.
+        # --direct-ingress on (deployments/cli.py): the Ingress replica itself listens on both ports, not Serve's proxy.
         for p in (port, grpc_port):
             assert _listener_title(p).startswith("ray::ServeReplica:qwen2:Ingress"), (p, _listener_title(p))
 

@@ -1,5 +1,6 @@
-"""`qwen2-serve run/demo` on a local Ray puts the Ingress replica itself on --port and --grpc-port
-(Ray Serve's direct ingress, deployments/cli.py); Serve's proxy moves to free ports of its own."""
+"""`qwen2-serve run/demo --direct-ingress on` on a local Ray puts the Ingress replica itself on
+--port and --grpc-port (Ray Serve's direct ingress, deployments/cli.py); Serve's proxy moves to free
+ports of its own. Off (the default) and on a cluster, nothing changes."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from deployments.cli import (DIRECT_INGRESS_DRAIN, DIRECT_INGRESS_GRPC, DIRECT_I
 
 
 def args(*argv: str) -> argparse.Namespace:
-    return build_parser().parse_args(["demo", *argv])
+    return build_parser().parse_args(["demo", "--direct-ingress", "on", *argv])
 
 
 def test_local_ray_gets_the_users_ports_as_the_only_direct_ingress_ports():
@@ -29,6 +30,7 @@ def test_grpc_off_asks_for_no_grpc_port():
 
 
 def test_off_and_a_cluster_leave_serve_as_it_is():
+    assert direct_ingress_env(build_parser().parse_args(["demo"])) == {}  # off by default
     assert direct_ingress_env(args("--direct-ingress", "off")) == {}
     assert direct_ingress_env(args("--address", "auto")) == {}
 
