@@ -35,6 +35,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -206,10 +207,9 @@ def cmd_run(args) -> int:
 
     print(f"results -> {out_dir}\n{machine_state()['uptime']}", flush=True)
 
-    def tagged(run: dict, rnd: int) -> dict:
+    def tagged(run: dict, rnd: int) -> None:
         runs.append({**run, "round": rnd})
         save()
-        return run
 
     def one_round(rnd: int, rates: list[float]) -> None:
         """The engine alone, then qwen2-serve, then vLLM, each in a fresh process (session)."""
@@ -298,8 +298,7 @@ def summary_markdown(settings: dict, runs: list[dict]) -> str:
                 ratios.append(served["output_throughput"] / engine["output_throughput"])
         if ratios:
             # The median: one disturbed run (this VM has them) moves a mean of three by 10%.
-            mid = sorted(ratios)[len(ratios) // 2] if len(ratios) % 2 else \
-                sum(sorted(ratios)[len(ratios) // 2 - 1:len(ratios) // 2 + 1]) / 2
+            mid = statistics.median(ratios)
             each = f", median of rounds {', '.join(f'{x:.2f}' for x in ratios)}" if len(ratios) > 1 else ""
             verdict = f" (target >= 0.9x): {'met' if mid >= 0.9 else 'NOT met'}" if key[0] == "qwen2-serve" else ""
             lines.append(f"- {key[0]} {key[1]} at c={settings['concurrency']}: {mid:.2f}x the engine's output "

@@ -284,18 +284,19 @@ DIRECT_INGRESS_GRPC = ("RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT", "RAY_SERVE_DIRE
 DIRECT_INGRESS_DRAIN = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
 
 
-def direct_ingress_env(args) -> dict[str, str]:
+def direct_ingress_env(args, ports: int = 1) -> dict[str, str]:
     """Environment for the local Ray that puts the Ingress replica itself on --port and --grpc-port
     (docs/architecture.md "Direct ingress"): a request then crosses client -> Ingress -> Router
     instead of client -> proxy -> Ingress -> Router, and each streamed token one Ray hop fewer.
     Empty with --direct-ingress off, and with --address (a cluster's processes keep their own
-    environment: an operator sets these variables on `ray start`)."""
+    environment: an operator sets these variables on `ray start`). `ports`: the width of each range
+    from the user's port (one per ingress replica; the CLI runs one)."""
     if args.address or getattr(args, "direct_ingress", "off") != "on":
         return {}
-    env = {DIRECT_INGRESS_ON: "1", DIRECT_INGRESS_HTTP[0]: str(args.port), DIRECT_INGRESS_HTTP[1]: str(args.port + 1),
+    env = {DIRECT_INGRESS_ON: "1", DIRECT_INGRESS_HTTP[0]: str(args.port), DIRECT_INGRESS_HTTP[1]: str(args.port + ports),
            DIRECT_INGRESS_DRAIN: "0"}
     if args.grpc_port:
-        env.update({DIRECT_INGRESS_GRPC[0]: str(args.grpc_port), DIRECT_INGRESS_GRPC[1]: str(args.grpc_port + 1)})
+        env.update({DIRECT_INGRESS_GRPC[0]: str(args.grpc_port), DIRECT_INGRESS_GRPC[1]: str(args.grpc_port + ports)})
     return env
 
 

@@ -2,8 +2,9 @@
 
 `serve_app` (session scope) starts Ray (`ray.init(num_cpus=4)`) and Serve with HTTP and gRPC
 proxies (QWEN2_SERVE_E2E_INGRESS=direct: as `qwen2-serve run --direct-ingress on`, the Ingress
-replica answering HTTP and gRPC itself and the proxies on `proxy_http_url` / `proxy_grpc_target`), serves four tiny random models (a causal LM, a sequence classifier, a token classifier,
-an extractive QA model) that require the API key `serve_app.api_key`, yields a `ServeApp`, and
+replica answering HTTP and gRPC itself and the proxies on `proxy_http_url` / `proxy_grpc_target`),
+serves four tiny random models (a causal LM, a sequence classifier, a token classifier, an
+extractive QA model) that require the API key `serve_app.api_key`, yields a `ServeApp`, and
 shuts Serve and Ray down at the end of the session. Tests talk to it with real clients only.
 """
 
@@ -112,10 +113,9 @@ def serve_app(tmp_path_factory):
     http_port, grpc_port = free_ports(8), free_ports(8)
     metrics_port, proxy_http_port, proxy_grpc_port = free_port(), free_port(), free_port()
     if direct:
-        from deployments.cli import DIRECT_INGRESS_GRPC, DIRECT_INGRESS_HTTP, direct_ingress_env
+        from deployments.cli import direct_ingress_env
         os.environ.update(direct_ingress_env(argparse.Namespace(address=None, direct_ingress="on", port=http_port,
-                                                                grpc_port=grpc_port)))
-        os.environ.update({DIRECT_INGRESS_HTTP[1]: str(http_port + 8), DIRECT_INGRESS_GRPC[1]: str(grpc_port + 8)})
+                                                                grpc_port=grpc_port), ports=8))
     else:
         proxy_http_port, proxy_grpc_port = http_port, grpc_port
     app = ServeApp(http_url=f"http://127.0.0.1:{http_port}", grpc_target=f"127.0.0.1:{grpc_port}", api_key=API_KEY,

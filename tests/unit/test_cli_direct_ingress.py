@@ -22,6 +22,8 @@ def test_local_ray_gets_the_users_ports_as_the_only_direct_ingress_ports():
     assert (env[DIRECT_INGRESS_HTTP[0]], env[DIRECT_INGRESS_HTTP[1]]) == ("8100", "8101")
     assert (env[DIRECT_INGRESS_GRPC[0]], env[DIRECT_INGRESS_GRPC[1]]) == ("9100", "9101")
     assert env[DIRECT_INGRESS_DRAIN] == "0"  # no load balancer to wait for on Ctrl-C
+    wide = direct_ingress_env(args("--port", "8100", "--grpc-port", "9100"), ports=8)  # one per ingress replica
+    assert (wide[DIRECT_INGRESS_HTTP[1]], wide[DIRECT_INGRESS_GRPC[1]]) == ("8108", "9108")
 
 
 def test_grpc_off_asks_for_no_grpc_port():
