@@ -129,9 +129,13 @@ class _Deadline:
         return left
 
     async def run(self, awaitable):
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for returns the awaited result when it
+        # completes in the same loop iteration as a cancel of the caller, swallowing the cancel (a
+        # client's cancelled stream then ran on to max_tokens). It also spares a task per token.
         try:
-            return await asyncio.wait_for(awaitable, self.remaining())
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(self.remaining()):
+                return await awaitable
+        except TimeoutError:
             raise RequestTimeoutError(f"The request did not finish within {self.seconds:g} seconds") from None
 
 

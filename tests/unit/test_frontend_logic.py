@@ -189,3 +189,35 @@ def test_to_serve_error_unwraps_what_ray_wraps():
     assert isinstance(to_serve_error(asyncio.TimeoutError()), RequestTimeoutError)
     err = to_serve_error(ZeroDivisionError("boom"))
     assert isinstance(err, InternalError) and "ZeroDivisionError: boom" in err.message
+
+
+# --- the per-token deadline ----------------------------------------------------------------------
+
+def test_deadline_never_swallows_a_cancel_that_lands_with_the_next_token():
+    """A client's cancel and the engine's next token can arrive in the same loop iteration. The
+    cancel must still win: Python 3.11's asyncio.wait_for returned the token instead, so the
+    stream's generator went on and the request ran on to max_tokens for nobody."""
+    from deployments.frontend.core import _Deadline
+
+    async def main() -> None:
+        next_token = asyncio.get_running_loop().create_future()
+        consumer = asyncio.create_task(_Deadline(60).run(next_token))
+        await asyncio.sleep(0)  # the consumer now awaits the token
+        next_token.set_result("token")
+        consumer.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await consumer
+
+    asyncio.run(main())
+
+
+def test_deadline_times_out_with_the_request_timeout_error():
+    from deployments.errors import RequestTimeoutError
+    from deployments.frontend.core import _Deadline
+
+    async def main() -> None:
+        with pytest.raises(RequestTimeoutError, match="within 0.05 seconds"):
+            await _Deadline(0.05).run(asyncio.sleep(5))
+        assert await _Deadline(5).run(asyncio.sleep(0, result="ok")) == "ok"
+
+    asyncio.run(main())
