@@ -457,8 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="repeat engine, qwen2-serve and vLLM at --concurrency this many times, alternating; "
                           "the targets use each round's own engine run (default: %(default)s)")
     run.add_argument("--direct-ingress", choices=["on", "off"], default="on",
-                     help="qwen2-serve's --direct-ingress: clients talk to the Ingress replica (on) or through "
-                          "Serve's proxy (off)")
+                     help="qwen2-serve's --direct-ingress: clients talk to the Ingress replica (on, the CLI's "
+                          "default) or through Serve's proxy (off)")
     run.add_argument("--vllm-start-timeout", type=float, default=1800,
                      help="seconds for vLLM to load and compile (minutes on a busy 2-core machine)")
     run.add_argument("--no-qwen", action="store_true", help="skip qwen2-serve (e.g. the engine and vLLM only)")

@@ -1,8 +1,10 @@
 """The shared e2e app: real local Ray + Serve running deployments.app:build_app on free ports.
 
-`serve_app` (session scope) starts Ray (`ray.init(num_cpus=4)`) and Serve with HTTP and gRPC
-proxies (QWEN2_SERVE_E2E_INGRESS=direct: as `qwen2-serve run --direct-ingress on`, the Ingress
-replica answering HTTP and gRPC itself and the proxies on `proxy_http_url` / `proxy_grpc_target`),
+`serve_app` (session scope) starts Ray (`ray.init(num_cpus=4)`) and Serve as `qwen2-serve run` does by
+default (direct ingress: the Ingress replica answers HTTP and gRPC itself on `http_url` /
+`grpc_target`; Serve's proxies serve the same app on `proxy_http_url` / `proxy_grpc_target`;
+QWEN2_SERVE_E2E_INGRESS=proxy puts the proxies on `http_url` / `grpc_target`, as
+`--direct-ingress off`),
 serves four tiny random models (a causal LM, a sequence classifier, a token classifier, an
 extractive QA model) that require the API key `serve_app.api_key`, yields a `ServeApp`, and
 shuts Serve and Ray down at the end of the session. Tests talk to it with real clients only.
@@ -104,10 +106,10 @@ def serve_app(tmp_path_factory):
     heads = {"generate": "causal_lm", "classify": "sequence_classification", "ner": "token_classification",
              "qa": "question_answering"}
     checkpoints = {names[k]: demo_checkpoint(heads[k]) for k in names}
-    # QWEN2_SERVE_E2E_INGRESS=direct serves as `qwen2-serve run --direct-ingress on` (deployments/cli.py):
-    # the Ingress replica itself on http_url / grpc_target, Serve's proxy on proxy_http_url /
-    # proxy_grpc_target. By default the proxy is on both, as the CLI serves by default.
-    direct = os.environ.get("QWEN2_SERVE_E2E_INGRESS", "proxy") == "direct"
+    # Served as `qwen2-serve run` serves by default (--direct-ingress on, deployments/cli.py): the
+    # Ingress replica itself on http_url / grpc_target, Serve's proxy on proxy_http_url /
+    # proxy_grpc_target. QWEN2_SERVE_E2E_INGRESS=proxy: the proxy on both, as --direct-ingress off.
+    direct = os.environ.get("QWEN2_SERVE_E2E_INGRESS", "direct") == "direct"
     # Every ingress replica takes a port of the direct-ingress ranges (tests add applications of
     # their own): a block of free ports each, the session's app getting the first.
     http_port, grpc_port = free_ports(8), free_ports(8)

@@ -52,21 +52,22 @@ def _policies_by_title(root_pid: int) -> dict[str, set[int]]:
     return out
 
 
-def _listener_title(port: int) -> str:
-    """The title of the process whose TCP socket listens on `port`, "" if none."""
+def _listener(port: int) -> tuple[str, str]:
+    """(title of the process whose TCP socket listens on `port`, the address it is bound to);
+    ("", "") if none."""
     import psutil
 
     for conn in psutil.net_connections(kind="tcp"):
         if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid:
-            return " ".join(psutil.Process(conn.pid).cmdline()[:1])
-    return ""
+            return " ".join(psutil.Process(conn.pid).cmdline()[:1]), conn.laddr.ip
+    return "", ""
 
 
 def test_demo_prints_working_commands_and_stops_on_ctrl_c(tmp_path):
     port, grpc_port, metrics_port = free_port(), free_port(), free_port()
     exe = shutil.which("qwen2-serve", path=str(BIN)) or "qwen2-serve"
     proc = subprocess.Popen([exe, "demo", "--port", str(port), "--grpc-port", str(grpc_port),
-                             "--metrics-port", str(metrics_port), "--direct-ingress", "on"],
+                             "--metrics-port", str(metrics_port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(tmp_path / "home"),
                             cwd=tmp_path)
     lines: list[str] = []
@@ -85,9 +86,11 @@ def test_demo_prints_working_commands_and_stops_on_ctrl_c(tmp_path):
         grpc_call = next(x.strip() for x in lines if x.strip().startswith("qwen2-serve client"))
         assert f":{port}/" in curl and f":{grpc_port}" in grpc_call
         assert (tmp_path / "home" / "demo" / "causal_lm" / "config.json").is_file()
-        # --direct-ingress on (deployments/cli.py): the Ingress replica itself listens on both ports, not Serve's proxy.
+        # Direct ingress, the default (deployments/cli.py): the Ingress replica itself listens on both
+        # ports, not Serve's proxy.
         for p in (port, grpc_port):
-            assert _listener_title(p).startswith("ray::ServeReplica:qwen2:Ingress"), (p, _listener_title(p))
+            assert _listener(p)[0].startswith("ray::ServeReplica:qwen2:Ingress"), (p, _listener(p))
+        assert _listener(port)[1] == "127.0.0.1", _listener(port)  # HTTP stays on the default --host
 
         if shutil.which("curl"):
             res = subprocess.run(shlex.split(curl), capture_output=True, text=True, timeout=60)

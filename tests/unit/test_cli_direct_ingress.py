@@ -1,6 +1,6 @@
-"""`qwen2-serve run/demo --direct-ingress on` on a local Ray puts the Ingress replica itself on
---port and --grpc-port (Ray Serve's direct ingress, deployments/cli.py); Serve's proxy moves to free
-ports of its own. Off (the default) and on a cluster, nothing changes."""
+"""`qwen2-serve run/demo` (`--direct-ingress on`, the default) on a local Ray puts the Ingress replica
+itself on --port and --grpc-port (Ray Serve's direct ingress, deployments/cli.py); Serve's proxy
+moves to free ports of its own. With `--direct-ingress off` and on a cluster, nothing changes."""
 
 from __future__ import annotations
 
@@ -31,8 +31,12 @@ def test_grpc_off_asks_for_no_grpc_port():
     assert DIRECT_INGRESS_GRPC[0] not in env and env[DIRECT_INGRESS_ON] == "1"
 
 
+def test_on_by_default():
+    assert direct_ingress_env(build_parser().parse_args(["demo"]))[DIRECT_INGRESS_ON] == "1"
+    assert direct_ingress_env(build_parser().parse_args(["run", "--model", "demo:causal_lm"]))[DIRECT_INGRESS_ON] == "1"
+
+
 def test_off_and_a_cluster_leave_serve_as_it_is():
-    assert direct_ingress_env(build_parser().parse_args(["demo"])) == {}  # off by default
     assert direct_ingress_env(args("--direct-ingress", "off")) == {}
     assert direct_ingress_env(args("--address", "auto")) == {}
 
