@@ -251,9 +251,8 @@ def cmd_run(args) -> int:
         print(f"--- round {rnd} of {args.rounds}", flush=True)
         one_round(rnd, rates if rnd == 1 else [])
     if args.engine_rates and not args.no_engine:
-        for rate in rates:
-            runs.append(measure_engine(args, checkpoint, engine_work_file(), out_dir, rate=rate))
-            save()
+        for rate in rates:  # beside round 1, the round with the Poisson rates
+            tagged(measure_engine(args, checkpoint, engine_work_file(), out_dir, rate=rate), 1)
     save()
     report = summary_markdown(settings, runs)
     (out_dir / "summary.md").write_text(report)
