@@ -299,6 +299,24 @@ def direct_ingress_env(args, ports: int = 1) -> dict[str, str]:
     return env
 
 
+# Ray Serve's periodic work, slowed where a local box gains from it: the controller's reconcile loop
+# (default every 0.1 s: ~30 ms of CPU a second, most of the idle cluster's; 0.5 s halves it and the
+# GCS calls it makes) and each replica's and handle's export of cached Serve metrics (default 0.1 s;
+# Ray's metrics agent reports every 10 s anyway). On a machine the model fills, every millisecond
+# another process runs stalls the model's OpenMP threads (docs/architecture.md "The served path").
+SERVE_CONTROL_LOOP = "RAY_SERVE_CONTROL_LOOP_INTERVAL_S"
+SERVE_METRICS_EXPORT = "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"
+QUIET_SERVE_ENV = {SERVE_CONTROL_LOOP: "0.5", SERVE_METRICS_EXPORT: "1000"}
+
+
+def quiet_serve_env(args) -> dict[str, str]:
+    """Environment for the local Ray that cuts Serve's background CPU (QUIET_SERVE_ENV); empty with
+    --address (a cluster's processes keep their own environment). A variable already set wins."""
+    if args.address:
+        return {}
+    return {k: v for k, v in QUIET_SERVE_ENV.items() if k not in os.environ}
+
+
 def proxy_ports(args, direct: bool) -> tuple[int, int]:
     """(HTTP, gRPC) ports of Serve's proxy. With direct ingress Serve still starts a proxy on the
     head node; it gets free ports of its own and the Ingress replica takes the user's (gRPC 0: off)."""
@@ -318,7 +336,7 @@ def _free_port(host: str) -> int:
 def serve_and_block(app_args: dict, args, banner) -> int:
     env = local_ray_env(args)
     direct = direct_ingress_env(args)
-    os.environ.update({**env, **direct})  # before Ray reads it, and inherited by the processes Ray starts
+    os.environ.update({**env, **direct, **quiet_serve_env(args)})  # before Ray reads it, and inherited by Ray's processes
     from deployments.admission import PROXY_CALLBACK_ENV
 
     for key, value in PROXY_CALLBACK_ENV.items():  # queue-full refused in Serve's proxy (deployments/admission.py)

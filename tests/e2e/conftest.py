@@ -120,6 +120,8 @@ def serve_app(tmp_path_factory):
                                                                 grpc_port=grpc_port), ports=8))
     else:
         proxy_http_port, proxy_grpc_port = http_port, grpc_port
+    from deployments.cli import quiet_serve_env
+    os.environ.update(quiet_serve_env(argparse.Namespace(address=None)))  # Serve's background work, as the CLI
     app = ServeApp(http_url=f"http://127.0.0.1:{http_port}", grpc_target=f"127.0.0.1:{grpc_port}", api_key=API_KEY,
                    generate_model=names["generate"], classify_model=names["classify"], ner_model=names["ner"],
                    qa_model=names["qa"], checkpoints=checkpoints,

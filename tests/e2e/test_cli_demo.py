@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from deployments.cli import QUIET_SERVE_ENV
 from tests.e2e.conftest import free_port
 
 pytestmark = pytest.mark.slow
@@ -28,8 +29,8 @@ def _env(home: Path) -> dict:
     return env
 
 
-def _policies_by_title(root_pid: int) -> dict[str, set[int]]:
-    """Scheduling policies of every thread of each process under `root_pid`, by process title."""
+def _processes(root_pid: int) -> list[tuple[int, str]]:
+    """(pid, title) of `root_pid` and every process under it."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -38,18 +39,35 @@ def _policies_by_title(root_pid: int) -> dict[str, set[int]]:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(entry))
-    out: dict[str, set[int]] = {}
-    todo = [root_pid]
+    out, todo = [], [root_pid]
     while todo:
         pid = todo.pop()
         todo += children.get(pid, [])
         try:
             title = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        out.append((pid, title.strip()))
+    return out
+
+
+def _policies_by_title(root_pid: int) -> dict[str, set[int]]:
+    """Scheduling policies of every thread of each process under `root_pid`, by process title."""
+    out: dict[str, set[int]] = {}
+    for pid, title in _processes(root_pid):
+        try:
             policies = {os.sched_getscheduler(int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
         except OSError:
             continue
-        out.setdefault(title.strip(), set()).update(policies)
+        out.setdefault(title, set()).update(policies)
     return out
+
+
+def _environ(root_pid: int, title_prefix: str) -> dict[str, str]:
+    """The environment the first process under `root_pid` whose title starts with `title_prefix` started with."""
+    pid = next(pid for pid, title in _processes(root_pid) if title.startswith(title_prefix))
+    raw = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+    return dict(item.decode(errors="replace").split("=", 1) for item in raw if b"=" in item)
 
 
 def _listener(port: int) -> tuple[str, str]:
@@ -91,6 +109,11 @@ def test_demo_prints_working_commands_and_stops_on_ctrl_c(tmp_path):
         for p in (port, grpc_port):
             assert _listener(p)[0].startswith("ray::ServeReplica:qwen2:Ingress"), (p, _listener(p))
         assert _listener(port)[1] == "127.0.0.1", _listener(port)  # HTTP stays on the default --host
+
+        # Serve's background work slowed on the local Ray (deployments/cli.py QUIET_SERVE_ENV): the
+        # controller, which reads it at start, got it.
+        controller_env = _environ(proc.pid, "ray::ServeController")
+        assert {k: controller_env.get(k) for k in QUIET_SERVE_ENV} == QUIET_SERVE_ENV, controller_env
 
         if shutil.which("curl"):
             res = subprocess.run(shlex.split(curl), capture_output=True, text=True, timeout=60)
