@@ -211,10 +211,14 @@ def cmd_run(args) -> int:
         runs.append({**run, "round": rnd})
         save()
 
-    def one_round(rnd: int, rates: list[float]) -> None:
-        """The engine alone, then qwen2-serve, then vLLM, each in a fresh process (session)."""
+    def engine_run(rnd: int) -> None:
         if not args.no_engine:
             tagged(measure_engine(args, checkpoint, engine_work_file(), out_dir, concurrency=args.concurrency), rnd)
+
+    def one_round(rnd: int, rates: list[float]) -> None:
+        """The engine alone, qwen2-serve, the engine alone again, then vLLM, each in a fresh process
+        (session): every server's runs lie between two runs of the engine (engine_reference)."""
+        engine_run(rnd)
         server = QwenServer(out_dir / f"qwen2-serve-{rnd}.log", checkpoint, MODEL_NAME, args)
         print("starting qwen2-serve ..." if not args.no_qwen else "qwen2-serve skipped (--no-qwen)", flush=True)
         # Odd rounds HTTP first, even rounds gRPC first: neither always gets the first run after start.
@@ -227,6 +231,8 @@ def cmd_run(args) -> int:
             for rate in rates if not args.no_qwen else ():
                 tagged(measure("qwen2-serve", "http", server.base_url, MODEL_NAME, run_work(), args, rate=rate,
                                server_pid=server.proc.pid), rnd)
+        if not args.no_qwen:
+            engine_run(rnd)
         if vllm_python is not None and "vllm_error" not in settings:
             vllm = VllmServer(out_dir / f"vllm-{rnd}.log", vllm_python, checkpoint, MODEL_NAME, args)
             print(f"starting vLLM ({vllm_python}) ...", flush=True)
@@ -245,11 +251,14 @@ def cmd_run(args) -> int:
             finally:
                 vllm.stop()
 
-    # This VM's speed drifts by 20% within minutes: ratios are taken within a round, and the rounds
-    # repeat the sequence (the Poisson rates in the first round only).
+    # This VM's speed drifts by 20% within minutes: each server's runs are compared with the engine
+    # runs just before and after them, and the rounds repeat the sequence (the Poisson rates in the
+    # first round only).
     for rnd in range(1, args.rounds + 1):
         print(f"--- round {rnd} of {args.rounds}", flush=True)
         one_round(rnd, rates if rnd == 1 else [])
+    if vllm_python is not None:
+        engine_run(args.rounds)  # after the last vLLM session
     if args.engine_rates and not args.no_engine:
         for rate in rates:  # beside round 1, the round with the Poisson rates
             tagged(measure_engine(args, checkpoint, engine_work_file(), out_dir, rate=rate), 1)
@@ -264,6 +273,16 @@ def cmd_run(args) -> int:
     except ImportError as exc:
         print(f"no plots ({exc}): pip install -e '.[bench]'")
     return 0
+
+
+def engine_reference(runs: list[dict], i: int) -> float | None:
+    """The engine's output tok/s to hold the served run `runs[i]` against: the mean of the
+    fixed-concurrency engine runs just before and just after it (in run order), so that the VM's drift
+    over the minutes between them falls on both sides; one of them if the other is missing."""
+    engine = [j for j, r in enumerate(runs) if r["system"] == "engine" and r["mode"] == "concurrency"]
+    nearest = [max((j for j in engine if j < i), default=None), min((j for j in engine if j > i), default=None)]
+    values = [runs[j]["summary"]["output_throughput"] for j in nearest if j is not None]
+    return statistics.mean(values) if values else None
 
 
 def summary_markdown(settings: dict, runs: list[dict]) -> str:
@@ -286,15 +305,13 @@ def summary_markdown(settings: dict, runs: list[dict]) -> str:
             f"{fmt(s['e2e_ms']['p50'] and s['e2e_ms']['p50'] / 1000, 1)} / "
             f"{fmt(s['e2e_ms']['p99'] and s['e2e_ms']['p99'] / 1000, 1)} | {s['goodput']:.3f} | {s['failed']} | "
             f"{r['machine_before']['loadavg'][0]:.1f} |")
-    lines += ["", "Targets (issue 10):", ""]
-    rounds = sorted({r.get("round", 1) for r in runs})
-    conc = {(r.get("round", 1), r["system"], r["protocol"]): r["summary"] for r in runs if r["mode"] == "concurrency"}
+    lines += ["", "Targets (issue 10), each run against the mean of the engine runs just before and after it:", ""]
     for key in (("qwen2-serve", "http"), ("qwen2-serve", "grpc"), ("vllm", "http")):
         ratios = []
-        for rnd in rounds:
-            engine, served = conc.get((rnd, "engine", "in-process")), conc.get((rnd, *key))
-            if engine and served:
-                ratios.append(served["output_throughput"] / engine["output_throughput"])
+        for i, r in enumerate(runs):
+            reference = engine_reference(runs, i)
+            if r["mode"] == "concurrency" and (r["system"], r["protocol"]) == key and reference:
+                ratios.append(r["summary"]["output_throughput"] / reference)
         if ratios:
             # The median: one disturbed run (this VM has them) moves a mean of three by 10%.
             mid = statistics.median(ratios)
@@ -453,8 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--protocols", default="http,grpc", help="qwen2-serve protocols at --concurrency")
     run.add_argument("--peers", default="vllm", help="'vllm' or 'none'")
     run.add_argument("--rounds", type=int, default=1,
-                     help="repeat engine, qwen2-serve and vLLM at --concurrency this many times, alternating; "
-                          "the targets use each round's own engine run (default: %(default)s)")
+                     help="repeat engine, qwen2-serve, engine, vLLM at --concurrency this many times (and the "
+                          "engine once more at the end); each served run is held against the mean of the engine "
+                          "runs just before and after it (default: %(default)s)")
     run.add_argument("--direct-ingress", choices=["on", "off"], default="on",
                      help="qwen2-serve's --direct-ingress: clients talk to the Ingress replica (on, the CLI's "
                           "default) or through Serve's proxy (off)")
