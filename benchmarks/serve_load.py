@@ -315,10 +315,10 @@ def summary_markdown(settings: dict, runs: list[dict]) -> str:
         if ratios:
             # The median: one disturbed run (this VM has them) moves a mean of three by 10%.
             mid = statistics.median(ratios)
-            each = f", median of rounds {', '.join(f'{x:.2f}' for x in ratios)}" if len(ratios) > 1 else ""
+            each = f", median of runs {', '.join(f'{x:.2f}' for x in ratios)}" if len(ratios) > 1 else ""
             verdict = f" (target >= 0.9x): {'met' if mid >= 0.9 else 'NOT met'}" if key[0] == "qwen2-serve" else ""
             lines.append(f"- {key[0]} {key[1]} at c={settings['concurrency']}: {mid:.2f}x the engine's output "
-                         f"tok/s in the same round{each}{verdict}")
+                         f"tok/s{each}{verdict}")
     for r in runs:
         if r["system"] != "engine":
             itl = r["summary"]["itl_ms"]

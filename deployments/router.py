@@ -31,6 +31,7 @@ import time
 from typing import Any, AsyncIterator, Callable
 
 from deployments.checkpoints import resolve_model_path
+from deployments.cpu_priority import model_thread_first
 from deployments.errors import (
     BUSY,
     ContextLengthExceededError,
@@ -155,7 +156,11 @@ class Router:
             return Engine(LocalExecutor(self.model_path, **executor_options), engine_config)
 
         # Built by the engine's step thread, the one thread of this process that runs torch
-        # (AsyncEngine's docstring: libgomp gives every such thread a pool of its own).
+        # (AsyncEngine's docstring: libgomp gives every such thread a pool of its own). On a CPU the
+        # model fills, the process's other threads yield to it when the CLI asks (cpu_priority.py);
+        # not with tp > 1, where the step thread waits on Ray's IO threads for every step.
+        if tp == 1 and str(executor_options["device"]).startswith("cpu"):
+            build_engine = model_thread_first(build_engine)
         self.async_engine = AsyncEngine(build_engine)
         self.engine = self.async_engine.engine
         executor = self.engine.executor
@@ -236,8 +241,11 @@ class Router:
                 if timeout <= 0:
                     break
                 try:
-                    item = await asyncio.wait_for(self._pooled_queue.get(), timeout)
-                except asyncio.TimeoutError:
+                    # asyncio.timeout, not wait_for: on Python 3.11 wait_for drops a cancel that lands
+                    # as the item arrives (deployments/frontend/core.py _Deadline.run).
+                    async with asyncio.timeout(timeout):
+                        item = await self._pooled_queue.get()
+                except TimeoutError:
                     break
                 if item.key == first.key and size + len(item.token_ids) <= self.pooled_max_batch_size:
                     batch.append(item)

@@ -232,7 +232,8 @@ class Frontend:
         does not answer or its engine died."""
         infos = {}
         for m in self.models:
-            infos[m.name] = await asyncio.wait_for(m.router.info.remote(), READY_TIMEOUT_S)
+            async with asyncio.timeout(READY_TIMEOUT_S):  # not wait_for: see _Deadline.run
+                infos[m.name] = await m.router.info.remote()
             m.compute_dtype = infos[m.name].get("compute_dtype")
         return infos
 
@@ -242,7 +243,8 @@ class Frontend:
         for m in self.models:
             if m.compute_dtype is None:
                 try:
-                    info = await asyncio.wait_for(m.router.info.remote(), READY_TIMEOUT_S)
+                    async with asyncio.timeout(READY_TIMEOUT_S):
+                        info = await m.router.info.remote()
                 except Exception:  # noqa: BLE001 - an unready Router: the card says null, /ready says why
                     continue
                 m.compute_dtype = info.get("compute_dtype")
