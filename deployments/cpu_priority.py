@@ -22,10 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
-from typing import Callable, TypeVar
-
-T = TypeVar("T")
 
 ENV = "QWEN2_SERVE_FRONTEND_SCHED"
 IDLE = "idle"
@@ -33,16 +29,13 @@ IDLE = "idle"
 logger = logging.getLogger(__name__)
 
 
-def yield_cpu_to_model(keep: frozenset[int] = frozenset()) -> bool:
-    """Put every thread of this process but those in `keep` (native thread ids) under SCHED_IDLE
-    when ENV says so (threads they start later inherit it). Returns whether it did; a platform
-    without SCHED_IDLE is left as it is."""
+def yield_cpu_to_model() -> bool:
+    """Put every thread of this process under SCHED_IDLE when ENV says so (threads it starts later
+    inherit it). Returns whether it did; a platform without SCHED_IDLE is left as it is."""
     if os.environ.get(ENV) != IDLE or not hasattr(os, "SCHED_IDLE"):
         return False
     done = 0
     for tid in os.listdir("/proc/self/task"):
-        if int(tid) in keep:
-            continue
         try:
             os.sched_setscheduler(int(tid), os.SCHED_IDLE, os.sched_param(0))
             done += 1
@@ -50,31 +43,3 @@ def yield_cpu_to_model(keep: frozenset[int] = frozenset()) -> bool:
             pass
     logger.info("pid %d: %d threads run at idle CPU priority (%s=%s)", os.getpid(), done, ENV, IDLE)
     return done > 0
-
-
-def model_thread_first(build: Callable[[], T]) -> Callable[[], T]:
-    """Wrap the function a Router's engine step thread builds the engine with (tp=1 on CPU): before
-    any torch work, every other thread of the Router's process yields (SCHED_IDLE) to the step
-    thread, which keeps its policy, and so do the OpenMP workers it starts for the model. What the
-    Router does besides the model (Serve's event loop handing each token to Ray, Ray's IO threads,
-    metrics) then runs on the cycles the model leaves. The step thread is named STEP_THREAD_NAME
-    for top -H, and its OpenMP workers take the name from it."""
-
-    def build_after_yielding() -> T:
-        _name_this_thread(STEP_THREAD_NAME)
-        yield_cpu_to_model(keep=frozenset({threading.get_native_id()}))
-        return build()
-
-    return build_after_yielding
-
-
-STEP_THREAD_NAME = "qwen2-step"
-
-
-def _name_this_thread(name: str) -> None:
-    """The kernel's name of the calling thread (/proc/.../comm, 15 bytes), which threads it starts inherit."""
-    try:
-        with open(f"/proc/self/task/{threading.get_native_id()}/comm", "w") as comm:
-            comm.write(name[:15])
-    except OSError:  # not Linux
-        pass

@@ -31,7 +31,6 @@ import time
 from typing import Any, AsyncIterator, Callable
 
 from deployments.checkpoints import resolve_model_path
-from deployments.cpu_priority import model_thread_first
 from deployments.errors import (
     BUSY,
     ContextLengthExceededError,
@@ -156,11 +155,7 @@ class Router:
             return Engine(LocalExecutor(self.model_path, **executor_options), engine_config)
 
         # Built by the engine's step thread, the one thread of this process that runs torch
-        # (AsyncEngine's docstring: libgomp gives every such thread a pool of its own). On a CPU the
-        # model fills, the process's other threads yield to it when the CLI asks (cpu_priority.py);
-        # not with tp > 1, where the step thread waits on Ray's IO threads for every step.
-        if tp == 1 and str(executor_options["device"]).startswith("cpu"):
-            build_engine = model_thread_first(build_engine)
+        # (AsyncEngine's docstring: libgomp gives every such thread a pool of its own).
         self.async_engine = AsyncEngine(build_engine)
         self.engine = self.async_engine.engine
         executor = self.engine.executor
