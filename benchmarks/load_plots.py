@@ -68,11 +68,14 @@ def plot_results(results_json: Path, out_dir: Path) -> list[Path]:
 
     conc = [r for r in runs if r["mode"] == "concurrency"]
     if conc:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         several = len({r.get("round", 1) for r in conc}) > 1  # serve_load.py --rounds
+        fig, axes = plt.subplots(1, 2, figsize=(14, 5) if several else (10, 4))
         labels = [_label(r, several) for r in conc]
         x = range(len(conc))
-        bars = axes[0].bar(x, [r["summary"]["output_throughput"] for r in conc], color=[f"C{i}" for i in x])
+        # One colour per system (the engine runs bracket each server's in --rounds sweeps).
+        kinds = list(dict.fromkeys(_label(r) for r in conc))
+        bars = axes[0].bar(x, [r["summary"]["output_throughput"] for r in conc],
+                           color=[f"C{kinds.index(_label(r))}" for r in conc])
         axes[0].bar_label(bars, fmt="%.1f", fontsize=8)
         axes[0].set_ylabel("output tokens/s")
         w = 0.38
@@ -83,7 +86,7 @@ def plot_results(results_json: Path, out_dir: Path) -> list[Path]:
         axes[1].set_ylabel("inter-token latency (ms)")
         axes[1].legend(fontsize=8)
         for ax in axes:
-            ax.set_xticks(list(x), labels, rotation=15, fontsize=8)
+            ax.set_xticks(list(x), labels, rotation=35 if several else 15, ha="right", fontsize=7)
             ax.grid(alpha=0.3, axis="y")
         fig.suptitle(f"{conc[0]['concurrency']} concurrent streams: {title}", fontsize=9)
         fig.tight_layout()
