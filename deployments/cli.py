@@ -300,10 +300,11 @@ def direct_ingress_env(args, ports: int = 1) -> dict[str, str]:
 
 
 # Ray Serve's periodic work, slowed where a local box gains from it: the controller's reconcile loop
-# (default every 0.1 s: ~30 ms of CPU a second, most of the idle cluster's; 0.5 s halves it and the
-# GCS calls it makes) and each replica's and handle's export of cached Serve metrics (default 0.1 s;
-# Ray's metrics agent reports every 10 s anyway). On a machine the model fills, every millisecond
-# another process runs stalls the model's OpenMP threads (docs/architecture.md "The served path").
+# (default every 0.1 s: ~30 ms of CPU a second, the largest share of an idle server's ~105; 0.5 s
+# halves it and the GCS calls it makes) and each replica's and handle's export of cached Serve
+# metrics (default 0.1 s; Ray's metrics agent reports every 10 s anyway). On a machine the model
+# fills, every millisecond another process runs stalls the model's OpenMP threads
+# (docs/architecture.md "The served path under load").
 SERVE_CONTROL_LOOP = "RAY_SERVE_CONTROL_LOOP_INTERVAL_S"
 SERVE_METRICS_EXPORT = "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"
 QUIET_SERVE_ENV = {SERVE_CONTROL_LOOP: "0.5", SERVE_METRICS_EXPORT: "1000"}
