@@ -212,7 +212,9 @@ def cmd_run(args) -> int:
         save()
 
     def engine_run(rnd: int) -> None:
-        if not args.no_engine:
+        """The engine alone at --concurrency, unless the run just before was that already (no
+        server in between: with --peers none, or after vLLM failed to start)."""
+        if not args.no_engine and not (runs and runs[-1]["system"] == "engine"):
             tagged(measure_engine(args, checkpoint, engine_work_file(), out_dir, concurrency=args.concurrency), rnd)
 
     def one_round(rnd: int, rates: list[float]) -> None:
@@ -231,8 +233,7 @@ def cmd_run(args) -> int:
             for rate in rates if not args.no_qwen else ():
                 tagged(measure("qwen2-serve", "http", server.base_url, MODEL_NAME, run_work(), args, rate=rate,
                                server_pid=server.proc.pid), rnd)
-        if not args.no_qwen:
-            engine_run(rnd)
+        engine_run(rnd)
         if vllm_python is not None and "vllm_error" not in settings:
             vllm = VllmServer(out_dir / f"vllm-{rnd}.log", vllm_python, checkpoint, MODEL_NAME, args)
             print(f"starting vLLM ({vllm_python}) ...", flush=True)
@@ -257,8 +258,7 @@ def cmd_run(args) -> int:
     for rnd in range(1, args.rounds + 1):
         print(f"--- round {rnd} of {args.rounds}", flush=True)
         one_round(rnd, rates if rnd == 1 else [])
-    if vllm_python is not None:
-        engine_run(args.rounds)  # after the last vLLM session
+    engine_run(args.rounds)  # after the last server session
     if args.engine_rates and not args.no_engine:
         for rate in rates:  # beside round 1, the round with the Poisson rates
             tagged(measure_engine(args, checkpoint, engine_work_file(), out_dir, rate=rate), 1)
