@@ -100,23 +100,34 @@ async def _load(protocol: str, target: str, model: str, work: list[Work], *, rat
         return await run_load(client.send, work, rate=rate, concurrency=concurrency, seed=seed, desc=desc)
 
 
+def cpu_snapshot(pid: int) -> tuple:
+    """For where_cpu_went: per process under `pid`, per thread, the machine, the wall clock."""
+    from load_servers import machine_cpu_ticks, process_tree, tree_threads
+
+    tree = process_tree(pid, with_titles=True)
+    return tree, tree_threads(tree), machine_cpu_ticks(), time.perf_counter()
+
+
+def print_breakdown(b: dict | None) -> None:
+    if b:
+        threads = ", ".join(f"{t['on_cpu']:.0%} on a CPU / {t['preempted']:.0%} preempted" for t in b["model_threads"])
+        top = ", ".join(f"{k} {v:.2f}" for k, v in list(b["cpu_s_by_process"].items())[:8])
+        print(f"    model threads: {threads}; machine idle {b['machine_idle']:.1%}; CPU s: {top}", flush=True)
+
+
 def measure(system: str, protocol: str, target: str, model: str, work: list[Work], args, *, rate=None,
             concurrency=None, server_pid: int | None = None) -> dict:
-    from load_servers import machine_cpu_ticks, process_tree, tree_cpu_seconds, tree_threads, where_cpu_went
-
-    def snapshot():  # for where_cpu_went: per process, per thread, the machine, the wall clock
-        tree = process_tree(server_pid, with_titles=True)
-        return tree, tree_threads(tree), machine_cpu_ticks(), time.perf_counter()
+    from load_servers import tree_cpu_seconds, where_cpu_went
 
     before = machine_state()
     label = f"{system}/{protocol} " + (f"c={concurrency}" if concurrency else f"rate={rate}/s")
     cpu0, client0 = (tree_cpu_seconds(server_pid) if server_pid else None), time.process_time()
-    snap0 = snapshot() if server_pid else None
+    snap0 = cpu_snapshot(server_pid) if server_pid else None
     results, seconds = asyncio.run(_load(protocol, target, model, work, rate=rate, concurrency=concurrency,
                                          seed=args.seed, desc=label))
     summary = summarize(results, seconds, *args.goodput_targets)
     if server_pid:  # what the other processes took from the model (README "Where the rest goes")
-        summary["cpu_breakdown"] = where_cpu_went(snap0, snapshot())
+        summary["cpu_breakdown"] = where_cpu_went(snap0, cpu_snapshot(server_pid))
     # CPU seconds the server's process tree spent (warm-up included) and the load generator's own
     summary["server_cpu_s"] = tree_cpu_seconds(server_pid) - cpu0 if server_pid else None
     summary["client_cpu_s"] = time.process_time() - client0
@@ -125,11 +136,7 @@ def measure(system: str, protocol: str, target: str, model: str, work: list[Work
     print(f"  {label}: {summary['output_throughput']:.1f} tok/s, TTFT p50 {fmt(summary['ttft_ms']['p50'], 0)} ms, "
           f"ITL p50/p99 {fmt(summary['itl_ms']['p50'], 0)}/{fmt(summary['itl_ms']['p99'], 0)} ms, "
           f"{summary['failed']} failed", flush=True)
-    if summary.get("cpu_breakdown"):
-        b = summary["cpu_breakdown"]
-        threads = ", ".join(f"{t['on_cpu']:.0%} on a CPU / {t['preempted']:.0%} preempted" for t in b["model_threads"])
-        top = ", ".join(f"{k} {v:.2f}" for k, v in list(b["cpu_s_by_process"].items())[:8])
-        print(f"    model threads: {threads}; machine idle {b['machine_idle']:.1%}; CPU s: {top}", flush=True)
+    print_breakdown(summary.get("cpu_breakdown"))
     return {"system": system, "protocol": protocol, "mode": "concurrency" if concurrency else "poisson",
             "concurrency": concurrency, "rate": rate, "summary": summary, "machine_before": before,
             "machine_after": machine_state(), "requests": result_rows(results)}
@@ -150,8 +157,12 @@ def measure_engine(args, checkpoint: Path, work_path: Path, out_dir: Path, *, co
     summary = summarize(results, raw["seconds"], *args.goodput_targets)
     summary["server_cpu_s"] = raw["cpu_s"]
     summary["tokens_per_cpu_s"] = summary["output_tokens"] / raw["cpu_s"] if raw["cpu_s"] else None
+    # The same view of the engine's own threads as of a served run's: a slower engine run whose
+    # threads were on a CPU as much as in a faster one means the machine itself ran slower.
+    summary["cpu_breakdown"] = raw.get("cpu_breakdown")
     print(f"  {label}: {summary['output_throughput']:.1f} tok/s, TTFT p50 {fmt(summary['ttft_ms']['p50'], 0)} ms, "
           f"ITL p50/p99 {fmt(summary['itl_ms']['p50'], 0)}/{fmt(summary['itl_ms']['p99'], 0)} ms", flush=True)
+    print_breakdown(summary["cpu_breakdown"])
     return {"system": "engine", "protocol": "in-process", "mode": "concurrency" if concurrency else "poisson",
             "concurrency": concurrency, "rate": rate, "summary": summary, "machine_before": before,
             "machine_after": machine_state(), "requests": result_rows(results)}
@@ -391,6 +402,7 @@ def cmd_engine(args) -> int:
                 t += rng.expovariate(args.rate)
     results = [RequestResult(len(w.prompt_token_ids), w.max_tokens) for w in work]
     pending, in_flight = list(range(len(work))), set()
+    snap0 = cpu_snapshot(os.getpid())
     start, cpu = time.perf_counter(), time.process_time()
     while pending or engine.has_unfinished():
         now = time.perf_counter() - start
@@ -420,7 +432,10 @@ def cmd_engine(args) -> int:
                 r.ok = r.output_tokens == r.max_tokens
                 in_flight.discard(i)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    Path(args.out).write_text(json.dumps({"seconds": seconds, "cpu_s": cpu, "results": [asdict(r) for r in results]}))
+    from load_servers import where_cpu_went
+    breakdown = where_cpu_went(snap0, cpu_snapshot(os.getpid()))
+    Path(args.out).write_text(json.dumps({"seconds": seconds, "cpu_s": cpu, "cpu_breakdown": breakdown,
+                                          "results": [asdict(r) for r in results]}))
     return 0
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from deployments.cli import QUIET_SERVE_ENV, SERVE_CONTROL_LOOP, SERVE_METRICS_EXPORT, build_parser, quiet_serve_env
+from deployments.cli import (LOG_MONITOR_GLOB, QUIET_SERVE_ENV, SERVE_CONTROL_LOOP, SERVE_METRICS_EXPORT, build_parser,
+                             quiet_serve_env)
 
 
 def args(*extra: str):
@@ -19,10 +20,11 @@ def _no_operator_setting(monkeypatch):
         monkeypatch.delenv(key, raising=False)
 
 
-def test_local_ray_gets_a_slower_control_loop_and_metrics_export():
+def test_local_ray_gets_a_slower_control_loop_metrics_export_and_log_glob():
     env = quiet_serve_env(args())
     assert float(env[SERVE_CONTROL_LOOP]) > 0.1  # Serve's default
     assert int(env[SERVE_METRICS_EXPORT]) > 100  # Serve's default
+    assert int(env[LOG_MONITOR_GLOB]) < 1000  # Ray's default: the log monitor globs on every pass below it
     assert quiet_serve_env(build_parser().parse_args(["demo"])) == env
 
 
