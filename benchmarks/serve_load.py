@@ -109,6 +109,7 @@ def cpu_snapshot(pid: int) -> tuple:
 
 
 def print_breakdown(b: dict | None) -> None:
+    """One line of where_cpu_went's view of a run: the model's threads, the machine, the processes."""
     if b:
         threads = ", ".join(f"{t['on_cpu']:.0%} on a CPU / {t['preempted']:.0%} preempted" for t in b["model_threads"])
         top = ", ".join(f"{k} {v:.2f}" for k, v in list(b["cpu_s_by_process"].items())[:8])
@@ -434,6 +435,8 @@ def cmd_engine(args) -> int:
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     from load_servers import where_cpu_went
     breakdown = where_cpu_went(snap0, cpu_snapshot(os.getpid()))
+    # One process: where_cpu_went's groups are for a server's tree and would call it "other".
+    breakdown["cpu_s_by_process"] = {"engine alone": round(cpu, 2)}
     Path(args.out).write_text(json.dumps({"seconds": seconds, "cpu_s": cpu, "cpu_breakdown": breakdown,
                                           "results": [asdict(r) for r in results]}))
     return 0
