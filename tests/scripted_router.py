@@ -58,7 +58,7 @@ class ScriptedRouter:
         self.generate, self.abort = _Method(self._generate), _Method(self._abort)
         self.pooled, self.info = _Method(self._pooled), _Method(self._info)
 
-    def options(self, stream: bool = False):
+    def options(self, stream: bool = False, _by_reference: bool = True):  # DeploymentHandle.options
         return self
 
     def _generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams):
