@@ -43,7 +43,7 @@ from ray import serve
 
 from deployments.lora_adapters import AdapterCatalog
 from deployments.checkpoints import model_facts, resolve_model_path
-from deployments.frontend.core import Frontend, ModelEntry
+from deployments.frontend.core import DEFAULT_ROUTER_STREAM, Frontend, ModelEntry, check_router_stream
 from deployments.frontend.reasoning import PARSERS as REASONING_PARSERS
 from deployments.frontend.requests import Limits
 from deployments.grpc_api.servicer import GrpcIngressMixin
@@ -55,7 +55,7 @@ MODEL_KEYS = {"name", "path", "tp", "dtype", "device", "kv_cache_memory", "gpu_m
               "pooled_batch_wait_ms", "pooled_max_batch_size", "torch_threads", "num_replicas", "user_config",
               "ray_actor_options", "autoscaling_config", "max_ongoing_requests",
               "loras", "lora_dir", "max_loras_per_replica"}
-APP_KEYS = {"models", "api_key", "max_body_bytes", "request_timeout_s", "ingress", "limits"}
+APP_KEYS = {"models", "api_key", "max_body_bytes", "request_timeout_s", "ingress", "limits", "router_stream"}
 DEFAULT_ROUTER_OPTIONS = {"max_ongoing_requests": 256, "ray_actor_options": {"num_cpus": 0.25},
                           "health_check_period_s": 10}
 DEFAULT_INGRESS_OPTIONS = {"max_ongoing_requests": 512, "ray_actor_options": {"num_cpus": 0.1}}
@@ -66,7 +66,8 @@ class Ingress(GrpcIngressMixin):
     (`build_app` makes it a Serve deployment with the FastAPI app as its ingress.)"""
 
     def __init__(self, models: list[dict], routers: dict, api_key: str | None = None,
-                 limits: dict | None = None, request_timeout_s: float = 600):
+                 limits: dict | None = None, request_timeout_s: float = 600,
+                 router_stream: str = DEFAULT_ROUTER_STREAM):
         from deployments.cpu_priority import yield_cpu_to_model
         from qwen2_model.generation_config import read_generation_config
         from qwen2_model.tokenizer import Qwen2Tokenizer
@@ -87,7 +88,7 @@ class Ingress(GrpcIngressMixin):
         adapters = {m["name"]: AdapterCatalog.from_config(m["name"], m.get("loras"), m.get("lora_dir"))
                     for m in models}
         self.frontend = Frontend(entries, Limits(**(limits or {})), request_timeout_s=request_timeout_s,
-                                 adapters=adapters)
+                                 adapters=adapters, router_stream=router_stream)
         http_app.bind(self.frontend, api_key=self.api_key)
 
 
@@ -138,6 +139,7 @@ def build_app(args: dict) -> serve.Application:
     unknown = set(args) - APP_KEYS
     if unknown:
         raise ValueError(f"unknown application args {sorted(unknown)}; known: {sorted(APP_KEYS)}")
+    router_stream = check_router_stream(args.get("router_stream") or DEFAULT_ROUTER_STREAM)
     models = list(args.get("models") or [])
     if not models:
         raise ValueError("args.models: give at least one model ({name, path})")
@@ -178,4 +180,4 @@ def build_app(args: dict) -> serve.Application:
     ingress = serve.deployment(name="Ingress", **DEFAULT_INGRESS_OPTIONS)(serve.ingress(http_app.create_app())(Ingress))
     ingress = ingress.options(**(args.get("ingress") or {}))
     return ingress.bind(cleaned, routers, api_key=args.get("api_key"), limits=limits,
-                        request_timeout_s=float(args.get("request_timeout_s") or 600))
+                        request_timeout_s=float(args.get("request_timeout_s") or 600), router_stream=router_stream)

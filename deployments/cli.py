@@ -64,6 +64,10 @@ def _add_server_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-body-bytes", type=int, default=None, help="request body cap in bytes (default: 1 MiB)")
     g.add_argument("--request-timeout", type=float, default=600.0,
                    help="seconds before a request fails with 408 (default: %(default)s)")
+    g.add_argument("--router-stream", choices=["grpc", "ray"], default="grpc",
+                   help="how tokens travel from a Router replica to the Ingress: grpc, over Serve's inter-deployment "
+                        "gRPC server (less CPU per token); ray, as Ray streaming objects, for clusters whose nodes "
+                        "reach each other only on Ray's ports (default: %(default)s)")
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -238,6 +242,7 @@ def _with_server_args(app_args: dict, args) -> dict:
     if args.max_body_bytes:
         app_args["max_body_bytes"] = args.max_body_bytes
     app_args["request_timeout_s"] = args.request_timeout
+    app_args["router_stream"] = args.router_stream
     return app_args
 
 

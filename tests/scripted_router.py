@@ -55,10 +55,12 @@ class ScriptedRouter:
         self.pooled_calls: list[tuple[str, list[list[int]], dict]] = []
         self.aborts: list[tuple] = []
         self.closed = 0  # generate streams closed (finished or cancelled)
+        self.handle_options: list[dict] = []  # what each .options(...) call asked for
         self.generate, self.abort = _Method(self._generate), _Method(self._abort)
         self.pooled, self.info = _Method(self._pooled), _Method(self._info)
 
     def options(self, stream: bool = False, _by_reference: bool = True):  # DeploymentHandle.options
+        self.handle_options.append({"stream": stream, "_by_reference": _by_reference})
         return self
 
     def _generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams):
@@ -91,8 +93,9 @@ class ScriptedRouter:
         return {"architecture": "Qwen2ForCausalLM", "max_model_len": 4096, "num_kv_blocks": 1, "config": {}}
 
 
-def openai_call(tokenizer, router: ScriptedRouter, call: Callable[[Any], Awaitable[Any]], **entry_kw):
-    """Serve model "m" (a causal LM behind `router`) from the FastAPI app in-process and return what
+def openai_call(tokenizer, router: ScriptedRouter, call: Callable[[Any], Awaitable[Any]],
+                frontend_kw: dict | None = None, **entry_kw):
+    """Serve model "m" (a causal LM behind `router`; `frontend_kw` for the Frontend) from the FastAPI app in-process and return what
     `await call(client)` gives, `client` being the official `openai.AsyncOpenAI` talking to the app;
     a streamed result is read to the end (a list of chunks)."""
     import httpx
@@ -102,7 +105,8 @@ def openai_call(tokenizer, router: ScriptedRouter, call: Callable[[Any], Awaitab
     from deployments.http_api import app as http_app
 
     http_app.bind(Frontend([ModelEntry("m", path="", architecture="Qwen2ForCausalLM", task="generate",
-                                       tokenizer=tokenizer, router=router, max_model_len=4096, **entry_kw)]))
+                                       tokenizer=tokenizer, router=router, max_model_len=4096, **entry_kw)],
+                            **(frontend_kw or {})))
 
     async def run():
         transport = httpx.ASGITransport(app=http_app.create_app())

@@ -65,11 +65,22 @@ from deployments.frontend.tool_calls import finish_reason_with_calls
 from qwen2_model.tasks import ANSWER, CLASSIFY, CLASSIFY_TOKENS, EMBED, GENERATE, REWARD, can_run
 
 READY_TIMEOUT_S = 10.0
-# The token stream from the Router: over Serve's inter-deployment gRPC (every replica runs that server)
-# instead of Ray's streaming generator (`_by_reference=True`, Serve's default). Each streamed message
-# then skips the core worker's object hand-off; measured at 32 streams, the Ingress's CPU fell ~25% and
-# the model threads' preempted share ~1 point (docs/architecture.md, "The Router's stream over gRPC").
-ROUTER_STREAM = {"stream": True, "_by_reference": False}
+# How the token stream comes from the Router (the app arg `router_stream`). "grpc", the default: over
+# the inter-deployment gRPC server Serve starts on every replica (`_by_reference=False`), so a streamed
+# message skips Ray's object hand-off through both core workers; at 32 streams the Ingress's CPU fell
+# ~25% and the model threads' preempted share ~1 point (docs/architecture.md, "The Router's stream
+# over gRPC"). "ray": Serve's default, Ray's streaming generator, for clusters whose nodes reach each
+# other only on Ray's own ports (Serve's gRPC server listens on a random port).
+ROUTER_STREAMS = {"grpc": {"stream": True, "_by_reference": False}, "ray": {"stream": True}}
+DEFAULT_ROUTER_STREAM = "grpc"
+
+
+def check_router_stream(name: str) -> str:
+    if name not in ROUTER_STREAMS:
+        raise ValueError(f"router_stream must be one of {sorted(ROUTER_STREAMS)}, got {name!r}")
+    return name
+
+
 # How long a Router's "queue full" answers for it (< Retry-After's 1 s); 0 turns the view off.
 QUEUE_FULL_HOLD_S = float(os.environ.get("QWEN2_SERVE_QUEUE_FULL_HOLD_S", "0.1"))
 
@@ -162,7 +173,8 @@ def logprob_entries(tokenizer, raw: list) -> list[LogprobEntry | None]:
 
 class Frontend:
     def __init__(self, models: list[ModelEntry], limits: Limits = DEFAULT_LIMITS, request_timeout_s: float = 600,
-                 adapters: dict[str, AdapterCatalog] | None = None):
+                 adapters: dict[str, AdapterCatalog] | None = None, router_stream: str = DEFAULT_ROUTER_STREAM):
+        self.router_stream = ROUTER_STREAMS[check_router_stream(router_stream)]  # handle options of generate
         if not models:
             raise ValueError("Frontend needs at least one model")
         names = [m.name for m in models]
@@ -343,7 +355,7 @@ class Frontend:
         engine_done = [False] * n  # the engine reported a finish_reason for the choice
         remaining = n
         rm = metrics.GenerationMetrics(entry.base_name, len(ids), start)
-        stream = entry.router.options(**ROUTER_STREAM).generate.remote(request_id, ids, sampling)
+        stream = entry.router.options(**self.router_stream).generate.remote(request_id, ids, sampling)
         try:
             while remaining:
                 try:
