@@ -89,6 +89,23 @@ class ServeApp:
     def router_stats(self, model: str) -> dict:
         return self.router(model).stats.remote().result(timeout_s=30)
 
+    def run_app(self, name: str, args: dict, timeout_s: float = 120) -> str:
+        """Deploy another application (deployments.app's `build_app(args)`) on this session's Ray at
+        /<name>, wait until it is ready and return its URL. Through Serve's proxy, which routes by prefix:
+        an Ingress replica serves only its own app. The caller deletes it (`serve.delete(name)`)."""
+        import httpx
+        from ray import serve
+
+        from deployments.app import build_app
+
+        serve.run(build_app(args), name=name, route_prefix=f"/{name}")
+        url = f"{self.proxy_http_url}/{name}"
+        deadline = time.time() + timeout_s
+        while httpx.get(f"{url}/ready", timeout=30).status_code != 200:
+            assert time.time() < deadline, f"the {name} app did not become ready"
+            time.sleep(0.5)
+        return url
+
 
 @pytest.fixture(scope="session")
 def serve_app(tmp_path_factory):

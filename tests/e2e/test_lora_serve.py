@@ -37,8 +37,6 @@ MAX_TOKENS = 8
 def lora_app(serve_app, tmp_path_factory):
     from ray import serve
 
-    from deployments.app import build_app
-
     base_path = serve_app.checkpoints[serve_app.generate_model]
     root = tmp_path_factory.mktemp("loras")
     adapters = {"sql": write_random_lora(root / "declared" / "sql", base_path, r=8, seed=1, scale=0.2),
@@ -53,12 +51,7 @@ def lora_app(serve_app, tmp_path_factory):
         "engine": {"max_model_len": 256}, "num_replicas": 2,
         "loras": {"sql": str(adapters["sql"]), "chat": str(adapters["chat"])}, "lora_dir": str(lora_dir),
         "max_loras_per_replica": 2}]}
-    serve.run(build_app(args), name=APP, route_prefix=f"/{APP}")
-    url = f"{serve_app.proxy_http_url}/{APP}"  # a second app: through the proxy, which routes by prefix
-    deadline = time.time() + 120
-    while httpx.get(f"{url}/ready", timeout=30).status_code != 200:
-        assert time.time() < deadline, "the LoRA app did not become ready"
-        time.sleep(0.5)
+    url = serve_app.run_app(APP, args)
     # references: the in-process engine, same checkpoint and adapters
     engine = Engine(LocalExecutor(base_path, kv_cache_memory=4 << 20), EngineConfig())
     for name, path in adapters.items():

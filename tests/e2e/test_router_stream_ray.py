@@ -23,18 +23,10 @@ MAX_TOKENS = 24
 def ray_stream_app(serve_app):
     from ray import serve
 
-    from deployments.app import build_app
-
     args = {"request_timeout_s": 120, "router_stream": "ray", "models": [{
         "name": MODEL, "path": str(serve_app.checkpoints[serve_app.generate_model]), "kv_cache_memory": 4 << 20,
         "torch_threads": 1, "engine": {"max_model_len": 256}}]}
-    serve.run(build_app(args), name=APP, route_prefix=f"/{APP}")
-    url = f"{serve_app.proxy_http_url}/{APP}"  # a second app: through the proxy, which routes by prefix
-    deadline = time.time() + 120
-    while httpx.get(f"{url}/ready", timeout=30).status_code != 200:
-        assert time.time() < deadline, "the router_stream=ray app did not become ready"
-        time.sleep(0.5)
-    yield url
+    yield serve_app.run_app(APP, args)
     serve.delete(APP)
 
 

@@ -28,8 +28,6 @@ APP = "rewards"
 def reward_app(serve_app, tmp_path_factory):
     from ray import serve
 
-    from deployments.app import build_app
-
     root = tmp_path_factory.mktemp("rewards")
     rm = write_checkpoint(root / "rm", head="reward_model")
     prm = write_checkpoint(root / "prm", head="process_reward_model")
@@ -39,12 +37,7 @@ def reward_app(serve_app, tmp_path_factory):
         {"name": name, "path": str(path), "kv_cache_memory": 1 << 20, "torch_threads": 1, "pooled_batch_wait_ms": 0}
         for name, path in models]}
     started = time.monotonic()
-    serve.run(build_app(args), name=APP, route_prefix=f"/{APP}")
-    url = f"{serve_app.proxy_http_url}/{APP}"  # a second app: through the proxy, which routes by prefix
-    deadline = time.time() + 120
-    while httpx.get(f"{url}/ready", timeout=30).status_code != 200:
-        assert time.time() < deadline, "the reward app did not become ready"
-        time.sleep(0.5)
+    url = serve_app.run_app(APP, args)
     print(f"reward app ready in {time.monotonic() - started:.1f} s")
     tag = Qwen2Tokenizer.from_pretrained(prm).token_to_id("<extra_0>")
     try:
