@@ -64,6 +64,8 @@ def _add_server_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-body-bytes", type=int, default=None, help="request body cap in bytes (default: 1 MiB)")
     g.add_argument("--request-timeout", type=float, default=600.0,
                    help="seconds before a request fails with 408 (default: %(default)s)")
+    # frontend.core's ROUTER_STREAMS / DEFAULT_ROUTER_STREAM, spelled out: importing it pulls in torch, and
+    # --help stays fast (tests/unit/test_router_stream.py keeps the two equal).
     g.add_argument("--router-stream", choices=["grpc", "ray"], default="grpc",
                    help="how tokens travel from a Router replica to the Ingress: grpc, over Serve's inter-deployment "
                         "gRPC server (less CPU per token); ray, as Ray streaming objects, for clusters whose nodes "

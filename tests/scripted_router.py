@@ -95,9 +95,9 @@ class ScriptedRouter:
 
 def openai_call(tokenizer, router: ScriptedRouter, call: Callable[[Any], Awaitable[Any]],
                 frontend_kw: dict | None = None, **entry_kw):
-    """Serve model "m" (a causal LM behind `router`; `frontend_kw` for the Frontend) from the FastAPI app in-process and return what
-    `await call(client)` gives, `client` being the official `openai.AsyncOpenAI` talking to the app;
-    a streamed result is read to the end (a list of chunks)."""
+    """Serve model "m" (a causal LM behind `router`; `frontend_kw` for the Frontend) from the FastAPI app
+    in-process and return what `await call(client)` gives, `client` being the official
+    `openai.AsyncOpenAI` talking to the app; a streamed result is read to the end (a list of chunks)."""
     import httpx
     import openai
 

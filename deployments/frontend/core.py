@@ -174,7 +174,7 @@ def logprob_entries(tokenizer, raw: list) -> list[LogprobEntry | None]:
 class Frontend:
     def __init__(self, models: list[ModelEntry], limits: Limits = DEFAULT_LIMITS, request_timeout_s: float = 600,
                  adapters: dict[str, AdapterCatalog] | None = None, router_stream: str = DEFAULT_ROUTER_STREAM):
-        self.router_stream = ROUTER_STREAMS[check_router_stream(router_stream)]  # handle options of generate
+        self._stream_options = ROUTER_STREAMS[check_router_stream(router_stream)]  # for the Router handle's generate
         if not models:
             raise ValueError("Frontend needs at least one model")
         names = [m.name for m in models]
@@ -355,7 +355,7 @@ class Frontend:
         engine_done = [False] * n  # the engine reported a finish_reason for the choice
         remaining = n
         rm = metrics.GenerationMetrics(entry.base_name, len(ids), start)
-        stream = entry.router.options(**self.router_stream).generate.remote(request_id, ids, sampling)
+        stream = entry.router.options(**self._stream_options).generate.remote(request_id, ids, sampling)
         try:
             while remaining:
                 try:

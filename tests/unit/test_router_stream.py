@@ -46,11 +46,13 @@ def test_an_unknown_transport_is_refused_by_name():
 
 def test_the_cli_passes_its_flag_to_the_app():
     from deployments.cli import app_args_for_run, build_parser
+    from deployments.frontend.core import DEFAULT_ROUTER_STREAM, ROUTER_STREAMS
 
     def app_args(*flags):
         return app_args_for_run(build_parser().parse_args(["run", "--model", "demo:causal_lm", *flags]))
 
-    assert app_args()["router_stream"] == "grpc"
-    assert app_args("--router-stream", "ray")["router_stream"] == "ray"
+    assert app_args()["router_stream"] == DEFAULT_ROUTER_STREAM == "grpc"
+    for name in ROUTER_STREAMS:  # the CLI's spelled-out choices cover the Frontend's transports
+        assert app_args("--router-stream", name)["router_stream"] == name
     with pytest.raises(SystemExit):
         app_args("--router-stream", "tcp")
