@@ -307,18 +307,19 @@ def direct_ingress_env(args, ports: int = 1) -> dict[str, str]:
 
 
 # Ray Serve's periodic work, slowed where a local box gains from it: the controller's reconcile loop
-# (default every 0.1 s: ~30 ms of CPU a second, the largest share of an idle server's ~105; 0.5 s
-# halves it and the GCS calls it makes) and each replica's and handle's export of cached Serve
-# metrics (default 0.1 s; Ray's metrics agent reports every 10 s anyway). On a machine the model
-# fills, every millisecond another process runs stalls the model's OpenMP threads
-# (docs/architecture.md "The served path under load"). Ray's log monitor globs the session's log
-# folder for new files on every 0.1 s pass while it holds fewer than the threshold's files (1000);
-# with 0 it globs every 0.5 s (LOG_NAME_UPDATE_INTERVAL_S) and still forwards new lines of the
-# files it knows every 0.1 s: 9.0 -> 4.3 ms of CPU a second on an idle demo server.
+# (default every 0.1 s: ~30 ms of CPU a second, the largest share of an idle server's ~105; at 32
+# streams it took ~16 ms/s every 0.5 s and ~13 every 1 s, and the GCS calls it makes fall with it)
+# and each replica's and handle's export of cached Serve metrics (default 0.1 s; Ray's metrics agent
+# reports every 10 s anyway). On a machine the model fills, every millisecond another process runs
+# stalls the model's OpenMP threads (docs/architecture.md "The served path under load"). Ray's log
+# monitor globs the session's log folder for new files on every 0.1 s pass while it holds fewer than
+# the threshold's files (1000); with 0 it globs every 0.5 s (LOG_NAME_UPDATE_INTERVAL_S) and still
+# forwards new lines of the files it knows every 0.1 s: 9.0 -> 4.3 ms of CPU a second on an idle
+# demo server.
 SERVE_CONTROL_LOOP = "RAY_SERVE_CONTROL_LOOP_INTERVAL_S"
 SERVE_METRICS_EXPORT = "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"
 LOG_MONITOR_GLOB = "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD"
-QUIET_SERVE_ENV = {SERVE_CONTROL_LOOP: "0.5", SERVE_METRICS_EXPORT: "1000", LOG_MONITOR_GLOB: "0"}
+QUIET_SERVE_ENV = {SERVE_CONTROL_LOOP: "1.0", SERVE_METRICS_EXPORT: "1000", LOG_MONITOR_GLOB: "0"}
 
 
 def quiet_serve_env(args) -> dict[str, str]:
