@@ -297,6 +297,21 @@ def engine_reference(runs: list[dict], i: int) -> float | None:
     return statistics.mean(values) if values else None
 
 
+def others_ms_per_s(run: dict) -> float | None:
+    """CPU milliseconds per second of the run that went to everything but the model's process (the
+    server's other processes and the load generator). With the model's threads on every core, each
+    such millisecond stalls a step for about as long, so a served run reaches about 1 - this / 1000
+    of the engine alone, a little less: the model's process has threads of its own besides the
+    model's two (~19 ms/s in qwen2-serve's Router at 32 streams), counted here as the model's. None
+    where the run has no per-process breakdown."""
+    s = run["summary"]
+    by_process = (s.get("cpu_breakdown") or {}).get("cpu_s_by_process") or {}
+    if len(by_process) < 2 or not s.get("duration_s"):
+        return None
+    others = sum(by_process.values()) - max(by_process.values()) + (s.get("client_cpu_s") or 0.0)
+    return 1000 * others / s["duration_s"]
+
+
 def summary_markdown(settings: dict, runs: list[dict]) -> str:
     lines = [f"# serve_load: {settings['num_requests']} requests, scale {settings['scale']}, seed {settings['seed']}, "
              f"{settings['dtype']}, {settings['threads']} torch threads",
@@ -331,6 +346,12 @@ def summary_markdown(settings: dict, runs: list[dict]) -> str:
             verdict = f" (target >= 0.9x): {'met' if mid >= 0.9 else 'NOT met'}" if key[0] == "qwen2-serve" else ""
             lines.append(f"- {key[0]} {key[1]} at c={settings['concurrency']}: {mid:.2f}x the engine's output "
                          f"tok/s{each}{verdict}")
+    for r in runs:
+        floor = others_ms_per_s(r)
+        if r["system"] != "engine" and r["mode"] == "concurrency" and floor is not None:
+            lines.append(f"- {r['system']} {r['protocol']} c={r['concurrency']} (round {r.get('round', 1)}): the "
+                         f"other processes took {floor:.0f} ms of CPU per second of run, which predicts about "
+                         f"{1 - floor / 1000:.2f}x the engine (docs/architecture.md, \"What is left\")")
     for r in runs:
         if r["system"] != "engine":
             itl = r["summary"]["itl_ms"]
