@@ -276,7 +276,11 @@ def run_engine_alone(args, checkpoint: Path, work_path: Path, out_path: Path, *,
         cmd += ["--concurrency", str(concurrency)]
     if rate:
         cmd += ["--rate", str(rate)]
+    from qwen2_model.hardware import HUGE_PAGES_ENV
+
     with open(log_path, "ab") as log:
         # Its own session, like the servers: with the kernel's autogroup scheduling each session gets
-        # an equal share of a busy machine, so the engine alone must not share the benchmark's.
-        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+        # an equal share of a busy machine, so the engine alone must not share the benchmark's. Its
+        # weights on huge pages, as the Router's are (hardware.HUGE_PAGES_ENV).
+        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+                       env={**os.environ, **HUGE_PAGES_ENV})

@@ -35,7 +35,13 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+# The weights and KV cache on huge pages, as in the served Router: read by torch once, at its first
+# allocation, so set before the import (qwen2_model/hardware.py HUGE_PAGES_ENV). Only when run as a
+# script: peers/run.py imports this module, and its peers' subprocesses keep their own defaults.
+if __name__ == "__main__":
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:

@@ -49,6 +49,7 @@ from deployments.frontend.requests import Limits
 from deployments.grpc_api.servicer import GrpcIngressMixin
 from deployments.http_api import app as http_app
 from deployments.router import Router
+from qwen2_model.hardware import with_huge_pages
 
 MODEL_KEYS = {"name", "path", "tp", "dtype", "device", "kv_cache_memory", "gpu_memory_fraction", "block_size",
               "engine", "deployment", "reasoning_parser", "quantization", "hf_overrides",
@@ -92,12 +93,25 @@ class Ingress(GrpcIngressMixin):
         http_app.bind(self.frontend, api_key=self.api_key)
 
 
+def _with_huge_pages(actor_options: dict | None) -> dict:
+    """The Router's actor options with its runtime_env's env_vars carrying hardware.HUGE_PAGES_ENV
+    (the variable must be there when the worker process starts; an operator's own value wins)."""
+    from qwen2_model.hardware import with_huge_pages
+
+    options = dict(actor_options or {})
+    runtime_env = dict(options.get("runtime_env") or {})
+    runtime_env["env_vars"] = with_huge_pages(runtime_env.get("env_vars"))
+    options["runtime_env"] = runtime_env
+    return options
+
+
 def _router_options(m: dict) -> dict[str, Any]:
     opts: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in DEFAULT_ROUTER_OPTIONS.items()}
     for key in ("num_replicas", "user_config", "ray_actor_options", "autoscaling_config", "max_ongoing_requests"):
         if m.get(key) is not None:
             opts[key] = m[key]
     opts.update(m.get("deployment") or {})
+    opts["ray_actor_options"] = _with_huge_pages(opts.get("ray_actor_options"))
     if opts.get("autoscaling_config"):
         opts.pop("num_replicas", None)
     tp = int(m.get("tp") or 1)

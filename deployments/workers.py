@@ -376,10 +376,13 @@ class WorkerGroup:
 
 
 def _repo_runtime_env() -> dict:
-    """Ray workers must import qwen2_model/deployments: the editable install does it, PYTHONPATH too."""
+    """Ray workers must import qwen2_model/deployments: the editable install does it, PYTHONPATH too.
+    Their weights and KV cache go on huge pages (hardware.HUGE_PAGES_ENV)."""
+    from qwen2_model.hardware import with_huge_pages
+
     root = str(Path(__file__).resolve().parents[1])
     path = os.environ.get("PYTHONPATH", "")
-    return {"env_vars": {"PYTHONPATH": root + (os.pathsep + path if path else "")}}
+    return {"env_vars": with_huge_pages({"PYTHONPATH": root + (os.pathsep + path if path else "")})}
 
 
 class RayExecutor:

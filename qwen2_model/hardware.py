@@ -23,6 +23,21 @@ import torch
 
 logger = logging.getLogger(__name__)
 
+# torch's CPU allocator puts every allocation of 2 MiB or more on transparent huge pages (2 MiB-aligned,
+# madvise(MADV_HUGEPAGE)) when this variable is set before the process's first allocation: c10 reads
+# it once. The weights, their oneDNN-packed copies (kernels.py) and the KV cache then need 512x fewer
+# TLB entries; a decode step streams all the weights. Measured on the 0.5b fp32 model, 2 cores, 32
+# sequences: median decode step 246 vs 268 ms (5 ABBA blocks of fresh processes, 4 faster). It only
+# works where the variable is in the environment the process starts with: the Router's and the
+# tensor-parallel workers' runtime_env carry it (deployments/), a script sets it before importing torch.
+HUGE_PAGES_ENV = {"THP_MEM_ALLOC_ENABLE": "1"}
+
+
+def with_huge_pages(env_vars: dict[str, str] | None) -> dict[str, str]:
+    """`env_vars` plus HUGE_PAGES_ENV, where the caller has not set those variables itself."""
+    return {**HUGE_PAGES_ENV, **(env_vars or {})}
+
+
 # Flags that mean the CPU does the arithmetic of this dtype natively.
 NATIVE_FLAGS = {
     torch.bfloat16: ("avx512_bf16", "amx_bf16"),

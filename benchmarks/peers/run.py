@@ -109,6 +109,9 @@ def workloads(args, vocab: int) -> dict[str, list]:
 def run_one(system: str, spec_file: Path, out_file: Path, timeout: int) -> dict:
     python = str(peers_python()) if system == "vllm" else sys.executable
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if system == "engine":  # its weights on huge pages, as in the served Router (qwen2_model/hardware.py)
+        from qwen2_model.hardware import HUGE_PAGES_ENV
+        env.update(HUGE_PAGES_ENV)
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
     proc = subprocess.run([python, str(HERE / "systems.py"), system, str(spec_file), str(out_file)], env=env,
