@@ -96,8 +96,6 @@ class Ingress(GrpcIngressMixin):
 def _with_huge_pages(actor_options: dict | None) -> dict:
     """The Router's actor options with its runtime_env's env_vars carrying hardware.HUGE_PAGES_ENV
     (the variable must be there when the worker process starts; an operator's own value wins)."""
-    from qwen2_model.hardware import with_huge_pages
-
     options = dict(actor_options or {})
     runtime_env = dict(options.get("runtime_env") or {})
     runtime_env["env_vars"] = with_huge_pages(runtime_env.get("env_vars"))

@@ -1,6 +1,7 @@
 """The Router's and the tensor-parallel workers' processes start with torch's huge-page allocation on
 (qwen2_model/hardware.py HUGE_PAGES_ENV), and on this kernel that puts a big tensor on huge pages."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -42,8 +43,6 @@ print(kb)
 
 
 def _huge_kib(env_extra: dict) -> int:
-    import os
-
     env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
     out = subprocess.run([sys.executable, "-c", PROBE], env={**env, **env_extra}, capture_output=True, text=True,
                          check=True, timeout=120)
