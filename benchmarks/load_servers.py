@@ -227,7 +227,8 @@ class QwenServer(Server):
             cmd += ["--max-prefill-tokens", str(a.max_prefill_tokens)]
         if getattr(a, "stream_interval", 1) > 1:
             cmd += ["--stream-interval", str(a.stream_interval)]
-        return cmd + ["--direct-ingress", getattr(a, "direct_ingress", "on")]
+        return cmd + ["--direct-ingress", getattr(a, "direct_ingress", "on"),
+                      "--shared-stream", getattr(a, "shared_stream", "on")]
 
 
 class VllmServer(Server):

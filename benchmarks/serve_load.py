@@ -515,6 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--direct-ingress", choices=["on", "off"], default="on",
                      help="qwen2-serve's --direct-ingress: clients talk to the Ingress replica (on, the CLI's "
                           "default) or through Serve's proxy (off)")
+    run.add_argument("--shared-stream", choices=["on", "off"], default="on",
+                     help="qwen2-serve's --shared-stream: one Router->Ingress message per engine step for all "
+                          "requests (on, the CLI's default) or one stream per request")
     run.add_argument("--vllm-start-timeout", type=float, default=1800,
                      help="seconds for vLLM to load and compile (minutes on a busy 2-core machine)")
     run.add_argument("--no-qwen", action="store_true", help="skip qwen2-serve (e.g. the engine and vLLM only)")

@@ -56,7 +56,8 @@ MODEL_KEYS = {"name", "path", "tp", "dtype", "device", "kv_cache_memory", "gpu_m
               "pooled_batch_wait_ms", "pooled_max_batch_size", "torch_threads", "num_replicas", "user_config",
               "ray_actor_options", "autoscaling_config", "max_ongoing_requests",
               "loras", "lora_dir", "max_loras_per_replica"}
-APP_KEYS = {"models", "api_key", "max_body_bytes", "request_timeout_s", "ingress", "limits", "router_stream"}
+APP_KEYS = {"models", "api_key", "max_body_bytes", "request_timeout_s", "ingress", "limits", "router_stream",
+            "shared_stream"}
 DEFAULT_ROUTER_OPTIONS = {"max_ongoing_requests": 256, "ray_actor_options": {"num_cpus": 0.25},
                           "health_check_period_s": 10}
 DEFAULT_INGRESS_OPTIONS = {"max_ongoing_requests": 512, "ray_actor_options": {"num_cpus": 0.1}}
@@ -68,7 +69,7 @@ class Ingress(GrpcIngressMixin):
 
     def __init__(self, models: list[dict], routers: dict, api_key: str | None = None,
                  limits: dict | None = None, request_timeout_s: float = 600,
-                 router_stream: str = DEFAULT_ROUTER_STREAM):
+                 router_stream: str = DEFAULT_ROUTER_STREAM, shared_stream: bool = True):
         from deployments.cpu_priority import yield_cpu_to_model
         from qwen2_model.generation_config import read_generation_config
         from qwen2_model.tokenizer import Qwen2Tokenizer
@@ -89,7 +90,7 @@ class Ingress(GrpcIngressMixin):
         adapters = {m["name"]: AdapterCatalog.from_config(m["name"], m.get("loras"), m.get("lora_dir"))
                     for m in models}
         self.frontend = Frontend(entries, Limits(**(limits or {})), request_timeout_s=request_timeout_s,
-                                 adapters=adapters, router_stream=router_stream)
+                                 adapters=adapters, router_stream=router_stream, shared_stream=shared_stream)
         http_app.bind(self.frontend, api_key=self.api_key)
 
 
@@ -152,6 +153,9 @@ def build_app(args: dict) -> serve.Application:
     if unknown:
         raise ValueError(f"unknown application args {sorted(unknown)}; known: {sorted(APP_KEYS)}")
     router_stream = check_router_stream(args.get("router_stream") or DEFAULT_ROUTER_STREAM)
+    shared_stream = args.get("shared_stream", True)
+    if not isinstance(shared_stream, bool):
+        raise ValueError(f"shared_stream must be true or false, got {shared_stream!r}")
     models = list(args.get("models") or [])
     if not models:
         raise ValueError("args.models: give at least one model ({name, path})")
@@ -192,4 +196,5 @@ def build_app(args: dict) -> serve.Application:
     ingress = serve.deployment(name="Ingress", **DEFAULT_INGRESS_OPTIONS)(serve.ingress(http_app.create_app())(Ingress))
     ingress = ingress.options(**(args.get("ingress") or {}))
     return ingress.bind(cleaned, routers, api_key=args.get("api_key"), limits=limits,
-                        request_timeout_s=float(args.get("request_timeout_s") or 600), router_stream=router_stream)
+                        request_timeout_s=float(args.get("request_timeout_s") or 600), router_stream=router_stream,
+                        shared_stream=shared_stream)

@@ -70,6 +70,9 @@ def _add_server_options(p: argparse.ArgumentParser) -> None:
                    help="how tokens travel from a Router replica to the Ingress: grpc, over Serve's inter-deployment "
                         "gRPC server (less CPU per token); ray, as Ray streaming objects, for clusters whose nodes "
                         "reach each other only on Ray's ports (default: %(default)s)")
+    g.add_argument("--shared-stream", choices=["on", "off"], default="on",
+                   help="on: one token stream per Router replica carries each engine step's tokens of all of "
+                        "the Ingress's requests as one message; off: one stream per request (default: %(default)s)")
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -245,6 +248,7 @@ def _with_server_args(app_args: dict, args) -> dict:
         app_args["max_body_bytes"] = args.max_body_bytes
     app_args["request_timeout_s"] = args.request_timeout
     app_args["router_stream"] = args.router_stream
+    app_args["shared_stream"] = args.shared_stream == "on"
     return app_args
 
 

@@ -8,6 +8,10 @@ plain class so it can also be driven directly in tests. Methods, called through 
   ways: qwen2_model.engine's dataclasses, no dicts).
   Cancelling the call (client disconnect, deadline) aborts the request in the engine, which frees
   its KV blocks at once.
+- `subscribe(ingress_id)`: async generator of an Ingress's shared token stream
+  (deployments/token_streams.py): one list of `(request_id, RequestOutput)` per engine step for the
+  requests that Ingress sent with `generate(..., via=ingress_id)`; those requests' own calls then
+  answer `ViaSharedStream()` and later only their error, if any.
 - `abort(request_id, index=None)`: stop a request, or one choice of it (stop strings are matched in
   the ingress, which then aborts the choice here).
 - `pooled(task, token_ids, pooling, normalize)`: the one-shot heads. Concurrent calls of the same
@@ -41,6 +45,7 @@ from deployments.errors import (
 )
 from deployments.lora_adapters import AdapterCatalog, LoraLoader
 from deployments.metrics import RouterMetrics
+from deployments.token_streams import SharedStreamSink, ViaSharedStream
 from qwen2_model.engine.engine import (AsyncEngine, Engine, EngineConfig, EngineDead, EngineError, QueueFull,
                                        RequestOutput)
 from qwen2_model.engine.model_runner import PooledInput
@@ -173,25 +178,58 @@ class Router:
         self._pooled_task: asyncio.Task | None = None
         self.pooled_batches = 0  # forwards run for pooled requests (tests check batching with it)
         self.pooled_max_batch = 0
+        self._shared_sinks: dict[str, SharedStreamSink] = {}  # ingress id -> its shared token stream
+        self.shared_stream_counts = {"batches": 0, "outputs": 0}  # sent on shared streams (stats())
         logger.info("router %s: %s from %s, tp=%d, %d KV blocks", model_name, executor.architecture,
                     self.model_path, tp, self.engine.blocks.num_blocks)
 
     # --- generation ----------------------------------------------------------------------------
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                       via: str | None = None) -> AsyncIterator[RequestOutput | ViaSharedStream]:
+        """The request's outputs; with `via` naming an Ingress whose shared stream this replica
+        holds, `ViaSharedStream()` instead and the outputs on that stream."""
         self._check_alive()
+        sink = self._shared_sinks.get(via) if via is not None else None
         lora = await self.loras.acquire()  # the request's adapter (Serve's multiplexed model id), loaded
         stream = self.async_engine.generate(request_id, list(prompt_token_ids), params, lora=lora)
         try:
-            async for out in stream:
-                yield out
+            if sink is None or sink.closed:
+                async for out in stream:
+                    yield out
+            else:
+                sink.riders += 1
+                try:
+                    yield ViaSharedStream()
+                    async for out in stream:
+                        sink.put(request_id, out)  # UnavailableError once the shared stream is gone
+                finally:
+                    sink.riders -= 1
         except Exception as exc:
             raise map_engine_error(exc) from None
         finally:
             # On cancellation (GeneratorExit / CancelledError) close the engine stream now: its
             # `finally` aborts the request and frees the blocks.
             await stream.aclose()
+
+    async def subscribe(self, ingress_id: str) -> AsyncIterator[list[tuple[str, RequestOutput]]]:
+        """An Ingress's shared token stream (deployments/token_streams.py): [] once registered, then
+        one batch per engine step; ends after a quiet spell, or when the Ingress opens another."""
+        sink = SharedStreamSink()
+        previous = self._shared_sinks.get(ingress_id)
+        if previous is not None:
+            previous.closed = True  # its riders fail: the Ingress no longer reads it
+        self._shared_sinks[ingress_id] = sink
+        try:
+            async for batch in sink.batches():
+                if batch:
+                    self.shared_stream_counts["batches"] += 1
+                    self.shared_stream_counts["outputs"] += len(batch)
+                yield batch
+        finally:
+            sink.closed = True
+            if self._shared_sinks.get(ingress_id) is sink:
+                del self._shared_sinks[ingress_id]
 
     def abort(self, request_id: str, index: int | None = None) -> None:
         self.async_engine.abort(request_id, index)
@@ -307,6 +345,9 @@ class Router:
         out = dataclasses.asdict(self.async_engine.stats())
         out["pooled_batches"] = self.pooled_batches
         out["pooled_max_batch"] = self.pooled_max_batch
+        out["shared_streams"] = len(self._shared_sinks)
+        out["shared_stream_batches"] = self.shared_stream_counts["batches"]
+        out["shared_stream_outputs"] = self.shared_stream_counts["outputs"]
         out["pid"] = os.getpid()
         out["loras"] = self.loras.stats()
         out["torch_threads"] = self.torch_threads

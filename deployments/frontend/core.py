@@ -6,8 +6,10 @@ these methods with the `ModelEntry` they resolved once, and map the typed result
 (deployments/frontend/results.py) onto their responses. So validation, tokenization, stop strings,
 deadlines and error mapping behave the same on both.
 
-Generation: `generate_stream` streams one Router call per prompt: `SamplingParams` go in, the
-engine's `RequestOutput`s come back. Each choice has its own incremental detokenizer and stop-string
+Generation: `generate_stream` makes one Router call per prompt: `SamplingParams` go in, the
+engine's `RequestOutput`s come back, on that call or, when the ingress's shared token stream to the
+Router is up, on that stream (deployments/token_streams.py: one message per engine step for all of
+this ingress's requests). Each choice has its own incremental detokenizer and stop-string
 matcher (frontend/text.py). When a stop string ends a choice, the choice is aborted on the Router so
 its KV blocks are freed at once. Leaving the stream early (client disconnect, deadline) cancels the
 Router call, which aborts the request in the engine. The context length is the engine's rule: a
@@ -61,6 +63,7 @@ from deployments.frontend.reasoning import THINK_END
 from deployments.frontend.structured import TOOL_CALL_START, StructuredFieldError, structured_from_fields, tool_call_spec
 from deployments.frontend.text import ChoiceText
 from deployments.lora_adapters import AdapterCatalog, resolve_adapter
+from deployments.token_streams import RouterOutputs, SharedStream
 from deployments.frontend.tool_calls import finish_reason_with_calls
 from qwen2_model.tasks import ANSWER, CLASSIFY, CLASSIFY_TOKENS, EMBED, GENERATE, REWARD, can_run
 
@@ -173,8 +176,13 @@ def logprob_entries(tokenizer, raw: list) -> list[LogprobEntry | None]:
 
 class Frontend:
     def __init__(self, models: list[ModelEntry], limits: Limits = DEFAULT_LIMITS, request_timeout_s: float = 600,
-                 adapters: dict[str, AdapterCatalog] | None = None, router_stream: str = DEFAULT_ROUTER_STREAM):
+                 adapters: dict[str, AdapterCatalog] | None = None, router_stream: str = DEFAULT_ROUTER_STREAM,
+                 shared_stream: bool = False):
         self._stream_options = ROUTER_STREAMS[check_router_stream(router_stream)]  # for the Router handle's generate
+        # One token stream per Router deployment for all of this ingress's requests
+        # (deployments/token_streams.py); base model name -> its SharedStream, opened on first use.
+        self.shared_stream = bool(shared_stream)
+        self._shared: dict[str, SharedStream] = {}
         if not models:
             raise ValueError("Frontend needs at least one model")
         names = [m.name for m in models]
@@ -266,6 +274,15 @@ class Frontend:
                     continue
                 m.compute_dtype = info.get("compute_dtype")
 
+    def _shared_stream(self, entry: ModelEntry) -> SharedStream | None:
+        if not self.shared_stream:
+            return None
+        shared = self._shared.get(entry.base_name)
+        if shared is None:  # on the base's handle: adapters' requests reach the same replicas
+            shared = self._shared[entry.base_name] = SharedStream(self.by_name[entry.base_name].router,
+                                                                  self._stream_options)
+        return shared
+
     # --- text ----------------------------------------------------------------------------------
 
     def render_chat(self, entry: ModelEntry, messages: list[dict], tools=None, add_generation_prompt: bool = True,
@@ -355,11 +372,20 @@ class Frontend:
         engine_done = [False] * n  # the engine reported a finish_reason for the choice
         remaining = n
         rm = metrics.GenerationMetrics(entry.base_name, len(ids), start)
-        stream = entry.router.options(**self._stream_options).generate.remote(request_id, ids, sampling)
+        shared = self._shared_stream(entry)
+        via = shared.via(request_id) if shared is not None else None
+        try:
+            stream = entry.router.options(**self._stream_options).generate.remote(
+                request_id, ids, sampling, **({"via": via} if via else {}))
+        except BaseException:
+            if via:
+                shared.release(request_id)
+            raise
+        outputs = RouterOutputs(stream, shared, request_id)
         try:
             while remaining:
                 try:
-                    out = await deadline.run(stream.__anext__())
+                    out = await deadline.run(outputs.next())
                 except StopAsyncIteration:
                     break
                 except Exception as exc:
@@ -410,6 +436,7 @@ class Frontend:
                         logprobs = [first] + logprob_entries(entry.tokenizer, out.prompt_logprobs or []) + logprobs
                 yield GenerationDelta(out.index, text, token_ids, logprobs, reason, calls, reasoning)
         finally:
+            outputs.close(cancel=not all(engine_done))
             if not all(engine_done):
                 # Left early (disconnect, deadline, error) or ended by a stop string while the engine
                 # still generates: cancelling the stream cancels the router's generator on the replica
