@@ -3,9 +3,9 @@
 Without it every generation request is one Serve streaming call, so a decode step of 32 streams
 sends 32 messages from the Router to the Ingress: 32 pickles, 32 gRPC frames and 32 hops between
 Serve's event loops on each side. With it (the app arg `shared_stream`, on by default) each Ingress
-replica holds one long-lived call, `Router.subscribe(ingress_id)`, per Router replica it reaches,
-and the Router sends on it one message per step: every output of that step for that Ingress's
-requests, as `(request_id, RequestOutput)` pairs.
+replica holds one long-lived call, `Router.subscribe(ingress_id)`, per Router deployment (Serve
+puts it on one of the deployment's replicas), and that replica sends on it one message per step:
+every output of that step for that Ingress's requests, as `(request_id, RequestOutput)` pairs.
 
 A request still makes its own `Router.generate` call, so Serve routes it as before (power of two
 choices, multiplexed adapters), and cancelling that call still aborts the request on the replica
@@ -19,7 +19,8 @@ request, still come on its own call.
 Failure and lifetime:
 - The shared stream breaks (the Ingress or the Router replica died, a network error): the Router
   fails the requests that rode it (UnavailableError on their own calls, which aborts them in the
-  engine), the Ingress fails their local queues the same way, and the next request opens a new one.
+  engine), the Ingress fails their local queues the same way, and a request `REOPEN_AFTER_S` later
+  opens a new one (those in between stream on their own calls).
 - The Router ends a shared stream that carried nothing for `IDLE_CLOSE_S`, so a replica being
   drained or shut down is not held by a call that never ends; the Ingress reopens it on demand.
 
