@@ -179,7 +179,7 @@ class Router:
         self.pooled_batches = 0  # forwards run for pooled requests (tests check batching with it)
         self.pooled_max_batch = 0
         self._shared_sinks: dict[str, SharedStreamSink] = {}  # ingress id -> its shared token stream
-        self.shared_stream_counts = {"batches": 0, "outputs": 0}  # sent on shared streams (stats())
+        self.shared_stream_counts = {"batches": 0, "outputs": 0, "tokens": 0}  # sent on shared streams (stats())
         logger.info("router %s: %s from %s, tp=%d, %d KV blocks", model_name, executor.architecture,
                     self.model_path, tp, self.engine.blocks.num_blocks)
 
@@ -225,6 +225,7 @@ class Router:
                 if batch:
                     self.shared_stream_counts["batches"] += 1
                     self.shared_stream_counts["outputs"] += len(batch)
+                    self.shared_stream_counts["tokens"] += sum(len(out.new_token_ids) for _, out in batch)
                 yield batch
         finally:
             sink.closed = True
@@ -348,6 +349,7 @@ class Router:
         out["shared_streams"] = len(self._shared_sinks)
         out["shared_stream_batches"] = self.shared_stream_counts["batches"]
         out["shared_stream_outputs"] = self.shared_stream_counts["outputs"]
+        out["shared_stream_tokens"] = self.shared_stream_counts["tokens"]
         out["pid"] = os.getpid()
         out["loras"] = self.loras.stats()
         out["torch_threads"] = self.torch_threads

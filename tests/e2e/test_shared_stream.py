@@ -52,8 +52,11 @@ def test_concurrent_streams_come_as_one_message_a_step_and_each_gets_its_own_tex
         together = list(pool.map(lambda c: c[0](serve_app, c[1], c[2]), calls))
     after = serve_app.router_stats(model)
     assert together == alone
+    tokens = after["shared_stream_tokens"] - before["shared_stream_tokens"]
     outputs = after["shared_stream_outputs"] - before["shared_stream_outputs"]
     batches = after["shared_stream_batches"] - before["shared_stream_batches"]
-    assert outputs == len(PROMPTS) * MAX_TOKENS  # every token of the four rode the shared stream
+    # Every token of the four rode the shared stream (an output may carry two when a rider fell a
+    # step behind: AsyncEngine coalesces them).
+    assert tokens == len(PROMPTS) * MAX_TOKENS
     assert batches < outputs  # and a message carried several requests' tokens
     assert after["shared_streams"] == 1  # one per ingress replica, not one per request

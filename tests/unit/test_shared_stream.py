@@ -102,7 +102,7 @@ def test_a_step_of_all_riders_is_one_message_and_the_tokens_are_the_engines(serv
     assert got == expected  # batched on one stream == the engine alone, request by request
     assert served.handle.vias == [shared.ingress_id] * len(VARIETY_PROMPTS)  # every request rode it
     counts = served.router.shared_stream_counts
-    assert counts["outputs"] == len(VARIETY_PROMPTS) * MAX_TOKENS  # one output per token, none lost
+    assert counts["tokens"] == len(VARIETY_PROMPTS) * MAX_TOKENS  # every token rode it, none lost
     assert counts["batches"] <= counts["outputs"] / 3  # several requests' outputs per message
     assert served.router.async_engine.engine.requests == {}
 
