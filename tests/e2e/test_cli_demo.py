@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from deployments.cli import QUIET_SERVE_ENV
+from deployments.cli import QUIET_SERVE_ENV, RAYLET_TIMERS
 from tests.e2e.conftest import free_port
 
 pytestmark = pytest.mark.slow
@@ -114,6 +114,8 @@ def test_demo_prints_working_commands_and_stops_on_ctrl_c(tmp_path):
         # controller, which reads it at start, got it.
         controller_env = _environ(proc.pid, "ray::ServeController")
         assert {k: controller_env.get(k) for k in QUIET_SERVE_ENV} == QUIET_SERVE_ENV, controller_env
+        raylet_env = _environ(proc.pid, next(t for _, t in _processes(proc.pid) if t.endswith("/raylet")))
+        assert {k: raylet_env.get(k) for k in RAYLET_TIMERS} == RAYLET_TIMERS, raylet_env  # its timers
 
         if shutil.which("curl"):
             res = subprocess.run(shlex.split(curl), capture_output=True, text=True, timeout=60)
