@@ -9,7 +9,7 @@ import pytest
 from deployments.cli import (LOG_MONITOR_GLOB, QUIET_SERVE_ENV, RAYLET_TIMERS, SERVE_CONTROL_LOOP, SERVE_METRICS_EXPORT,
                              build_parser, quiet_serve_env)
 
-# Ray 2.60's defaults (src/ray/common/ray_config_def.h), in milliseconds.
+# Ray's defaults (src/ray/common/ray_config_def.h), in milliseconds.
 RAY_TIMER_DEFAULTS_MS = {"raylet_report_resources_period_milliseconds": 100, "raylet_check_gc_period_milliseconds": 100,
                          "object_manager_timer_freq_ms": 100, "memory_monitor_refresh_ms": 250,
                          "kill_idle_workers_interval_ms": 200, "local_fs_monitor_interval_ms": 100}
