@@ -37,8 +37,7 @@ def test_local_ray_gets_slower_raylet_timers():
     env = quiet_serve_env(args())
     assert {k[len("RAY_"):] for k in RAYLET_TIMERS} == set(RAY_TIMER_DEFAULTS_MS)
     for name, default_ms in RAY_TIMER_DEFAULTS_MS.items():
-        assert int(env[f"RAY_{name}"]) > default_ms, name
-        assert int(env[f"RAY_{name}"]) > 0, name  # 0 would turn the memory monitor off, not slow it
+        assert int(env[f"RAY_{name}"]) > default_ms, name  # slower, and never 0 (the memory monitor's "off")
 
 
 def test_a_cluster_keeps_its_own_settings():
